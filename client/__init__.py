@@ -1,0 +1,1 @@
+"""The fedstream client: receives the global model, trains locally, uploads its delta."""

@@ -1,0 +1,5 @@
+import sys
+
+from fedstream.client.main import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""gRPC adapter of the client: join, receive rounds, upload deltas, survive reconnects.
+
+Connecting waits for the server with capped exponential backoff (gRPC's own reconnect
+backoff, configured from the settings, plus ``wait_for_ready``), so clients may start
+before the server. The client id is fixed for the life of the process, so a client that
+reconnects is the same client to the server, never a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from fedstream.common import wire
+from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
+from fedstream.common.errors import TransferError
+from fedstream.common.messages import (
+    PROTOCOL_VERSION,
+    RoundTask,
+    RunSpec,
+    TrainReport,
+    UpdateHeader,
+)
+from fedstream.common.pb import fedstream_pb2 as pb
+from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
+from fedstream.client.settings import ClientSettings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Joined:
+    client_id: str
+    run: RunSpec
+    partition_index: int
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    task: RoundTask
+    global_state: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str
+
+
+class Backoff:
+    """Capped exponential delays with full jitter (AWS architecture blog, 2015)."""
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.initial_s, self.max_s = initial_s, max_s
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.max_s, self.initial_s * (2**self.attempt))
+        self.attempt += 1
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ServerConnection:
+    def __init__(self, settings: ClientSettings, client_id: str) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.channel = grpc.aio.insecure_channel(
+            settings.server,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", int(settings.backoff_initial_s * 1000)),
+                ("grpc.min_reconnect_backoff_ms", int(settings.backoff_initial_s * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(settings.backoff_max_s * 1000)),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ],
+        )
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self._pin = settings.gpu is not None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def join(self) -> Joined:
+        """Register with the server, waiting up to ``connect_timeout_s`` for it to be up."""
+        reply = await self.stub.Join(
+            pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION),
+            wait_for_ready=True,
+            timeout=self.settings.connect_timeout_s,
+        )
+        return Joined(reply.client_id, wire.run_spec_from_pb(reply.run), reply.partition_index)
+
+    async def rounds(self) -> AsyncIterator[RoundEvent | FinishEvent]:
+        """Yield each round's task with the received global weights, then Finish."""
+        call = self.stub.WatchRounds(pb.WatchRequest(client_id=self.client_id))
+        task: RoundTask | None = None
+        assembler: PayloadAssembler | None = None
+        async for message in call:
+            kind = message.WhichOneof("kind")
+            if kind == "round_start":
+                task = wire.round_start_from_pb(message.round_start)
+                assembler = PayloadAssembler(task.manifest, pin_memory=self._pin)
+            elif kind == "chunk":
+                if assembler is None:
+                    raise TransferError("model chunk before RoundStart")
+                assembler.add(message.chunk.data)
+            elif kind == "end":
+                if task is None or assembler is None:
+                    raise TransferError("TransferEnd before RoundStart")
+                state = assembler.finish(message.end.total_bytes, message.end.crc32)
+                yield RoundEvent(task, state)
+                task, assembler = None, None
+            elif kind == "finish":
+                yield FinishEvent(message.finish.reason)
+                return
+
+    async def push_update(
+        self,
+        round_number: int,
+        num_examples: int,
+        delta: dict[str, torch.Tensor],
+        report: TrainReport,
+    ) -> None:
+        manifest = Manifest.of(delta)
+        header = UpdateHeader(self.client_id, round_number, num_examples, manifest, report)
+
+        def messages() -> Iterator[pb.UpdateMessage]:
+            yield wire.update_header_to_pb(header)
+            crc, sent = 0, 0
+            for chunk in iter_payload(delta, manifest, self.settings.chunk_size_bytes):
+                crc = zlib.crc32(chunk, crc)
+                sent += len(chunk)
+                yield pb.UpdateMessage(chunk=pb.Chunk(data=chunk))
+            yield pb.UpdateMessage(end=pb.TransferEnd(total_bytes=sent, crc32=crc))
+
+        await self.stub.PushUpdate(messages(), wait_for_ready=True)

@@ -1,0 +1,156 @@
+"""``fl-client``: parse flags -> ClientSettings -> take part in rounds until told to finish."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from fedstream.client.connection import Backoff, FinishEvent, ServerConnection
+from fedstream.client.device import configure_threads, select_device
+from fedstream.client.settings import ENV_PREFIX, ClientSettings
+from fedstream.client.trainer import LocalTrainer, LocalUpdate
+from fedstream.common.config import add_flags, parse_into
+from fedstream.common.errors import ConfigError, TransferError
+from fedstream.common.logs import setup_logging
+
+log = logging.getLogger("fedstream.client")
+
+# Codes after which reconnecting can help: the server went away or restarted.
+RECONNECT_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
+UPLOAD_ATTEMPTS = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fl-client",
+        description="fedstream client: receives the global model each round, trains on its "
+        "own data on its own device, and streams its weight delta back.",
+    )
+    parser.add_argument("--config", help="TOML file with settings (flags and FL_CLIENT_* win)")
+    add_flags(parser, ClientSettings, renames={"connect_timeout_s": "--connect-timeout"})
+    return parser
+
+
+async def _upload(
+    connection: ServerConnection, update: LocalUpdate, settings: ClientSettings, round_number: int
+) -> None:
+    """Upload with retries on a broken connection; a duplicate means an earlier try landed."""
+    backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            await connection.push_update(
+                update.round, update.num_examples, update.delta, update.report
+            )
+            log.info("round %d: upload accepted", round_number)
+            return
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.ALREADY_EXISTS:
+                log.info("round %d: upload had already landed", round_number)
+                return
+            if code in RECONNECT_CODES and attempt < UPLOAD_ATTEMPTS:
+                log.warning("round %d: upload failed (%s), retrying", round_number, code.name)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            log.warning("round %d: upload refused: %s %s", round_number, code.name,
+                        error.details())
+            return
+
+
+async def run_client(settings: ClientSettings) -> int:
+    device = select_device(settings.gpu)
+    threads = configure_threads(device, settings.num_threads)
+    client_id = settings.client_id or f"{socket.gethostname()}-{os.getpid()}"
+    log.info("client %s on %s (%d threads), server %s", client_id, device, threads,
+             settings.server)
+    connection = ServerConnection(settings, client_id)
+    trainer: LocalTrainer | None = None
+    backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+    try:
+        while True:
+            try:
+                joined = await connection.join()
+                if trainer is None:
+                    trainer = await asyncio.to_thread(
+                        LocalTrainer, settings, joined.run, joined.partition_index, device
+                    )
+                backoff.reset()
+                async for event in connection.rounds():
+                    if isinstance(event, FinishEvent):
+                        log.info("server finished the run: %s", event.reason)
+                        return 0
+                    task = event.task
+                    trainer.check_manifest(task.manifest)
+                    log.info("round %d: received global model, training", task.round)
+                    update = await asyncio.to_thread(
+                        trainer.train_round, task.round, task.config, event.global_state
+                    )
+                    log.info(
+                        "round %d: trained %d steps, loss %.4f, %.2fs",
+                        task.round,
+                        update.report.steps,
+                        update.report.train_loss,
+                        update.report.train_finished_unix_s - update.report.train_started_unix_s,
+                    )
+                    await _upload(connection, update, settings, task.round)
+                log.warning("round stream ended without Finish; reconnecting")
+            except TransferError as error:
+                log.warning("model download failed (%s); reconnecting", error)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and trainer is None:
+                    log.error("server %s unreachable for %.0fs; giving up",
+                              settings.server, settings.connect_timeout_s)
+                    return 1
+                if error.code() not in RECONNECT_CODES:
+                    log.error("server refused this client: %s %s", error.code().name,
+                              error.details())
+                    return 1
+                log.warning("connection lost (%s); reconnecting", error.code().name)
+            await asyncio.sleep(backoff.next_delay())
+    finally:
+        await connection.close()
+
+
+async def _main(settings: ClientSettings) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda: task.cancel() if task else None)
+    try:
+        return await run_client(settings)
+    except asyncio.CancelledError:
+        log.warning("stopping on signal")
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = parse_into(build_parser(), ClientSettings, ENV_PREFIX, argv)
+        select_device(settings.gpu)  # a GPU that does not exist is an error before any work
+    except ConfigError as error:
+        print(f"fl-client: {error}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, f"client[{settings.client_id or os.getpid()}]")
+    try:
+        return asyncio.run(_main(settings))
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

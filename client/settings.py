@@ -1,0 +1,60 @@
+"""Settings of one fl-client process: every default in one place, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "FL_CLIENT_"
+
+
+class ClientSettings(BaseModel):
+    """Where the server is, which device and data this client uses, and local overrides.
+
+    Fields left at None take the value the server sends (training hyper-parameters) or
+    the server's run description (model, dataset, partitioning).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: str = Field("localhost:50051", description="server address as host:port")
+    client_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="stable client name (default: host name and process id)",
+    )
+    gpu: int | None = Field(None, ge=0, description="CUDA device index (absent = CPU)")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for training (default: all cores)"
+    )
+    data_dir: Path = Field(Path("data"), description="folder holding downloaded datasets")
+    download: bool = Field(False, description="download the dataset into --data-dir if missing")
+    dataset: str | None = Field(None, description="dataset override (default: the server's)")
+    partition_index: int | None = Field(
+        None, ge=0, description="data shard this client takes (default: assigned by the server)"
+    )
+    num_partitions: int | None = Field(
+        None, ge=1, description="total number of shards (default: the server's)"
+    )
+    local_epochs: int | None = Field(None, ge=1, description="override the server's local epochs")
+    batch_size: int | None = Field(None, ge=1, description="override the server's batch size")
+    learning_rate: float | None = Field(None, gt=0, description="override the learning rate")
+    optimizer: Literal["sgd", "adam"] | None = Field(None, description="override the optimizer")
+    max_steps: int | None = Field(
+        None, ge=0, description="stop local training after this many steps (0 = do not train)"
+    )
+    connect_timeout_s: float = Field(
+        600.0, gt=0, description="give up when the server stays unreachable this long"
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(15.0, gt=0, description="longest reconnect delay")
+    chunk_size_bytes: int = Field(
+        1 << 20, ge=1024, le=3 << 20, description="tensor bytes per streamed message"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="logging level"
+    )

@@ -1,0 +1,1 @@
+"""Code shared by the fedstream server and clients: codec, data, models, settings."""

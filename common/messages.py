@@ -1,0 +1,61 @@
+"""In-process messages shared by server and client (protobuf objects never leave the
+transport adapters; ``fedstream.common.wire`` converts between the two)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedstream.common.codec import Manifest
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the federation trains; a client follows it unless told otherwise locally."""
+
+    model: str
+    dataset: str
+    seed: int
+    test_fraction: float
+    num_partitions: int
+    partition: str
+    dirichlet_alpha: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training hyper-parameters for one round."""
+
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    deadline_unix_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    round: int
+    config: TrainConfig
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    train_loss: float
+    steps: int
+    train_started_unix_s: float
+    train_finished_unix_s: float
+    device: str
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    client_id: str
+    round: int
+    num_examples: int
+    manifest: Manifest
+    report: TrainReport

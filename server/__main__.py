@@ -1,0 +1,5 @@
+import sys
+
+from fedstream.server.main import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""Federated averaging of client deltas.
+
+FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", arXiv:1602.05629): the new global model is the old one plus the
+average of the clients' deltas, each weighted by the client's number of training
+examples. ``server_lr`` scales that step (1.0 is plain FedAvg; other values give the
+server-side step size of FedOpt, Reddi et al. 2021, arXiv:2003.00295).
+
+:func:`fedavg` is the pure definition. :class:`DeltaAccumulator` computes the same thing
+incrementally, folding one client's delta at a time into a running weighted sum, so the
+server holds one sum whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedstream.common.codec import Manifest, TensorSpec
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a sum of ``dtype`` deltas is kept in.
+
+    Half-precision and integer deltas (BatchNorm's ``num_batches_tracked``) are summed in
+    a wider type so weighting them does not round or overflow; float32 stays float32, so
+    the running sum costs one model of memory.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if dtype.is_floating_point:
+        return dtype
+    return torch.float64
+
+
+def _cast_back(average: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return average.to(dtype)
+    if dtype == torch.bool:
+        return average >= 0.5
+    return torch.round(average).to(dtype)
+
+
+def fedavg(deltas: Sequence[tuple[Mapping[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """The example-weighted average of client deltas: sum_k n_k * delta_k / sum_k n_k."""
+    if not deltas:
+        raise ValueError("fedavg needs at least one delta")
+    total = sum(weight for _, weight in deltas)
+    if total <= 0:
+        raise ValueError("fedavg needs a positive total number of examples")
+    names = list(deltas[0][0])
+    result: dict[str, torch.Tensor] = {}
+    for name in names:
+        dtype = deltas[0][0][name].dtype
+        wide = accumulation_dtype(dtype)
+        acc = torch.zeros_like(deltas[0][0][name], dtype=wide)
+        for delta, weight in deltas:
+            acc.add_(delta[name].to(wide), alpha=weight)
+        result[name] = _cast_back(acc / total, dtype)
+    return result
+
+
+def apply_delta(
+    global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], server_lr: float
+) -> dict[str, torch.Tensor]:
+    """global + server_lr * delta, tensor by tensor, in each tensor's own dtype."""
+    updated: dict[str, torch.Tensor] = {}
+    for name, weights in global_state.items():
+        step = delta[name]
+        if weights.is_floating_point():
+            updated[name] = weights + step.to(weights.dtype) * server_lr
+        else:
+            # Counters such as num_batches_tracked: scaling an integer step is meaningless.
+            updated[name] = weights + step.to(weights.dtype)
+    return updated
+
+
+class DeltaAccumulator:
+    """Running example-weighted sum of client deltas, one model of memory.
+
+    ``fold`` adds a slice of one tensor of one client's delta; callers fold a client's
+    whole delta only once it has been received and validated in full, so a broken upload
+    never leaves half of itself in the sum.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._specs: dict[str, TensorSpec] = {spec.name: spec for spec in manifest.specs}
+        self._sums: dict[str, torch.Tensor] = {
+            spec.name: torch.zeros(spec.numel, dtype=accumulation_dtype(spec.torch_dtype))
+            for spec in manifest.specs
+        }
+        self.total_weight = 0
+        self.num_folded = 0
+
+    def fold(self, name: str, element_offset: int, values: torch.Tensor, weight: int) -> None:
+        """Add ``weight * values`` to elements [offset, offset + len) of tensor ``name``."""
+        target = self._sums[name][element_offset : element_offset + values.numel()]
+        if target.numel() != values.numel():
+            raise ValueError(f"tensor {name!r}: slice out of range")
+        target.add_(values.reshape(-1).to(target.dtype), alpha=weight)
+
+    def fold_state(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
+        """Fold a whole in-memory delta (tests and small models)."""
+        for name in self._specs:
+            self.fold(name, 0, delta[name], weight)
+        self.commit(weight)
+
+    def commit(self, weight: int) -> None:
+        """Record that one client's delta of ``weight`` examples has been folded in full."""
+        self.total_weight += weight
+        self.num_folded += 1
+
+    def average(self) -> dict[str, torch.Tensor]:
+        """The weighted average delta, in each tensor's original dtype and shape."""
+        if self.total_weight <= 0:
+            raise ValueError("no delta has been folded")
+        return {
+            name: _cast_back(total / self.total_weight, spec.torch_dtype).view(spec.shape)
+            for name, spec in self._specs.items()
+            for total in (self._sums[name],)
+        }
+
+    def apply_to(self, global_state: Mapping[str, torch.Tensor], server_lr: float) -> None:
+        """Add ``server_lr`` x the average delta to ``global_state`` in place.
+
+        Works one tensor at a time, so the peak memory is the sum plus one tensor.
+        """
+        if self.total_weight <= 0:
+            raise ValueError("no delta has been folded")
+        for name, spec in self._specs.items():
+            step = _cast_back(self._sums[name] / self.total_weight, spec.torch_dtype)
+            target = global_state[name]
+            if target.is_floating_point():
+                target.add_(step.view(spec.shape), alpha=server_lr)
+            else:
+                target.add_(step.view(spec.shape))

@@ -1,0 +1,221 @@
+"""``fl-server``: parse flags -> ServerSettings -> serve until the last round ends."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedstream.common.data import Splits, load_dataset
+from fedstream.common.errors import ConfigError, RoundFailed
+from fedstream.common.logs import setup_logging
+from fedstream.common.messages import RunSpec, TrainConfig
+from fedstream.common.models import build_model
+from fedstream.common.config import add_flags, parse_into
+from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
+from fedstream.common.training import evaluate
+from fedstream.server.checkpoint import MetricsLog, save_checkpoint
+from fedstream.server.coordinator import (
+    Coordinator,
+    CoordinatorConfig,
+    RoundSummary,
+    summary_record,
+)
+from fedstream.server.servicer import FederationServicer
+from fedstream.server.settings import ENV_PREFIX, ServerSettings
+
+log = logging.getLogger("fedstream.server")
+
+SERVICE_NAME = "fedstream.v1.Federation"
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default, kept as a guard rail: chunks are ~1 MiB
+GRACE_S = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fl-server",
+        description="fedstream aggregation server: streams the global model to clients, "
+        "folds their deltas into a FedAvg sum, evaluates and checkpoints every round.",
+    )
+    parser.add_argument("--config", help="TOML file with settings (flags and FL_SERVER_* win)")
+    add_flags(parser, ServerSettings, renames={"round_timeout_s": "--round-timeout",
+                                              "join_timeout_s": "--join-timeout"})
+    return parser
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Detect peers that vanished without closing the connection (a machine lost power).
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Run:
+    """What one training run needs besides round state: data, evaluation and output."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.data: Splits | None = None
+        self.model: torch.nn.Module | None = None
+        self.metrics = MetricsLog(settings.out)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        s = self.settings
+        self.data = load_dataset(s.dataset, s.data_dir, s.download, s.seed, s.test_fraction)
+        self.model = build_model(s.model, self.data.input_shape, self.data.num_classes, s.seed)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> tuple[float, float] | None:
+        if not self.settings.evaluate or self.model is None or self.data is None:
+            return None
+        self.model.load_state_dict(state)
+        return evaluate(self.model, self.data, torch.device("cpu"))
+
+    def on_round(self, summary: RoundSummary, state: Mapping[str, torch.Tensor]) -> None:
+        s = self.settings
+        record = summary_record(summary)
+        save_checkpoint(s.out, state, summary.round, {"model": s.model, "dataset": s.dataset})
+        self.metrics.append(record)
+        accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.4f}"
+        log.info(
+            "round %d/%d  clients %d/%d  train_loss %.4f  accuracy %s  time %.2fs",
+            summary.round,
+            s.rounds,
+            summary.succeeded,
+            summary.selected,
+            summary.train_loss,
+            accuracy,
+            summary.wall_time_s,
+        )
+
+
+def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
+    s = settings
+    return CoordinatorConfig(
+        rounds=s.rounds,
+        min_clients=s.min_clients,
+        clients_per_round=s.clients_per_round,
+        round_timeout_s=s.round_timeout_s,
+        join_timeout_s=s.join_timeout_s,
+        round_retries=s.round_retries,
+        server_lr=s.server_lr,
+        chunk_size_bytes=s.chunk_size_bytes,
+        spool_memory_bytes=s.spool_memory_bytes,
+        seed=s.seed,
+        train=TrainConfig(
+            local_epochs=s.local_epochs,
+            batch_size=s.batch_size,
+            learning_rate=s.learning_rate,
+            optimizer=s.optimizer,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+        ),
+        run=RunSpec(
+            model=s.model,
+            dataset=s.dataset,
+            seed=s.seed,
+            test_fraction=s.test_fraction,
+            num_partitions=s.partitions,
+            partition=s.partition,
+            dirichlet_alpha=s.dirichlet_alpha,
+        ),
+    )
+
+
+async def start_server(
+    coordinator: Coordinator, host: str, port: int
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start the gRPC server for ``coordinator``; returns it with the bound port."""
+    server = grpc.aio.server(options=channel_options())
+    pb_grpc.add_FederationServicer_to_server(
+        FederationServicer(coordinator, MAX_MESSAGE_BYTES), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+async def serve(settings: ServerSettings) -> int:
+    run = Run(settings)
+    state = await asyncio.to_thread(run.initial_state)
+    coordinator = Coordinator(coordinator_config(settings), state, run.evaluate, run.on_round)
+    server, port, health_servicer = await start_server(coordinator, settings.host, settings.port)
+    if not _is_loopback(settings.host):
+        log.warning("listening on %s without TLS: traffic is not encrypted", settings.host)
+    mb = coordinator.manifest.total_bytes / 1e6
+    log.info("listening on %s:%d (model %s, %.2f MB; dataset %s)",
+             settings.host, port, settings.model, mb, settings.dataset)
+
+    loop = asyncio.get_running_loop()
+    runner = asyncio.current_task()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda: runner.cancel() if runner else None)
+    code = 0
+    try:
+        summaries = await coordinator.run()
+        final = summaries[-1] if summaries else None
+        if final is not None and final.accuracy is not None:
+            log.info("final accuracy %.4f after %d rounds", final.accuracy, final.round)
+        log.info("checkpoint: %s  metrics: %s", settings.out / "checkpoint.pt", run.metrics.path)
+    except RoundFailed as error:
+        log.error("run failed: %s", error)
+        code = 1
+    except asyncio.CancelledError:
+        log.warning("stopping on signal")
+        coordinator.finish("server stopping")
+        code = 130
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _drain(coordinator)
+            await server.stop(GRACE_S)
+    return code
+
+
+async def _drain(coordinator: Coordinator) -> None:
+    """Give clients a moment to receive Finish so they can exit cleanly."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(GRACE_S):
+            while coordinator.connected_clients():
+                await asyncio.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = parse_into(build_parser(), ServerSettings, ENV_PREFIX, argv)
+    except ConfigError as error:
+        print(f"fl-server: {error}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, "server")
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""gRPC adapter of the coordinator: parse, validate, hand over, map errors to status codes.
+
+Every refusal goes through :func:`status_for`, so each kind of bad input has one status
+code and the log line names the client and round.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from fedstream.common import wire
+from fedstream.common.errors import FedstreamError, ManifestError, UploadRejected
+from fedstream.common.messages import PROTOCOL_VERSION, RoundTask
+from fedstream.common.pb import fedstream_pb2 as pb
+from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
+from fedstream.server.coordinator import Coordinator, Finish, UploadTicket
+
+log = logging.getLogger(__name__)
+
+_STATUS_BY_REASON = {
+    "malformed": grpc.StatusCode.INVALID_ARGUMENT,
+    "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+    "unknown_client": grpc.StatusCode.NOT_FOUND,
+    "stale_round": grpc.StatusCode.FAILED_PRECONDITION,
+    "not_selected": grpc.StatusCode.FAILED_PRECONDITION,
+    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
+    "checksum": grpc.StatusCode.DATA_LOSS,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def status_for(error: FedstreamError) -> grpc.StatusCode:
+    if isinstance(error, UploadRejected):
+        return _STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT)
+    if isinstance(error, ManifestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, coordinator: Coordinator, max_message_bytes: int) -> None:
+        self.coordinator = coordinator
+        self.max_message_bytes = max_message_bytes
+
+    async def Join(  # noqa: N802 - gRPC method name
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not supported "
+                f"(server speaks {PROTOCOL_VERSION})",
+            )
+        client_id = request.client_id or f"client-{uuid.uuid4().hex[:8]}"
+        if len(client_id) > 128:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client id longer than 128")
+        session = self.coordinator.join(client_id)
+        return pb.JoinReply(
+            client_id=client_id,
+            run=wire.run_spec_to_pb(self.coordinator.config.run),
+            partition_index=session.partition_index,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    async def WatchRounds(  # noqa: N802
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ServerMessage]:
+        try:
+            session = await self.coordinator.attach(request.client_id)
+        except FedstreamError as error:
+            log.warning("watch refused for client %r: %s", request.client_id, error)
+            await context.abort(status_for(error), str(error))
+        why = "disconnected"
+        try:
+            while True:
+                event = await session.inbox.get()
+                if isinstance(event, Finish):
+                    why = event.reason
+                    yield pb.ServerMessage(finish=pb.Finish(reason=event.reason))
+                    return
+                async for message in self._send_round(event):
+                    yield message
+        finally:
+            if why == "disconnected":
+                self.coordinator.detach(session, "disconnected from the round stream")
+            log.info("client %s: round stream closed (%s)", session.client_id, why)
+
+    async def _send_round(self, task: RoundTask) -> AsyncIterator[pb.ServerMessage]:
+        if not self.coordinator.is_open(task.round):
+            return
+        yield wire.round_start_to_pb(task)
+        sent = 0
+        for chunk in self.coordinator.payload_chunks(task.round):
+            sent += len(chunk)
+            yield pb.ServerMessage(chunk=pb.Chunk(data=chunk))
+        if sent == task.manifest.total_bytes:
+            yield pb.ServerMessage(
+                end=pb.TransferEnd(total_bytes=sent, crc32=self.coordinator.payload_crc)
+            )
+
+    async def PushUpdate(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.UpdateMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UpdateReply:
+        ticket: UploadTicket | None = None
+        receiver = None
+        where = "upload"
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise UploadRejected("an upload must start with an UpdateHeader")
+            header = wire.update_header_from_pb(first.header)
+            where = f"client {header.client_id!r}, round {header.round}"
+            ticket = self.coordinator.begin_upload(header)
+            receiver = self.coordinator.new_receiver()
+            ended = False
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if ended:
+                    raise UploadRejected("message after the end of the transfer")
+                if kind == "chunk":
+                    receiver.add_chunk(message.chunk.data)
+                elif kind == "end":
+                    receiver.finish(message.end.total_bytes, message.end.crc32)
+                    ended = True
+                else:
+                    raise UploadRejected(f"unexpected {kind or 'empty'} message inside an upload")
+            if not ended:
+                raise UploadRejected(
+                    f"stream ended after {receiver.received_bytes} of "
+                    f"{receiver.manifest.total_bytes} bytes without a TransferEnd",
+                    reason="checksum",
+                )
+            await self.coordinator.commit_upload(ticket, receiver)
+            return pb.UpdateReply(round=ticket.round)
+        except FedstreamError as error:
+            log.warning("rejected %s: %s", where, error)
+            if ticket is not None:
+                self.coordinator.upload_failed(ticket, f"bad upload: {error}")
+            await context.abort(status_for(error), str(error))
+            raise AssertionError("unreachable") from None  # abort always raises
+        except BaseException:
+            # Cancelled: the client went away mid-upload.
+            if ticket is not None:
+                self.coordinator.upload_failed(ticket, "connection lost during upload")
+                log.warning("%s: connection lost during upload", where)
+            raise
+        finally:
+            if receiver is not None:
+                receiver.close()

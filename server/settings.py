@@ -1,0 +1,81 @@
+"""Settings of one fl-server process: every default in one place, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "FL_SERVER_"
+
+
+class ServerSettings(BaseModel):
+    """What the server listens on, what it trains and how it runs rounds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("[::]", description="address to listen on ([::] is every interface)")
+    port: int = Field(50051, ge=0, le=65535, description="port to listen on (0 picks a free one)")
+    rounds: int = Field(10, ge=1, description="number of federated rounds to run")
+    min_clients: int = Field(2, ge=1, description="clients that must report for a round to count")
+    clients_per_round: int = Field(
+        0, ge=0, description="clients selected each round (0 = every connected client)"
+    )
+    round_timeout_s: float = Field(
+        300.0, gt=0, description="seconds a round waits for uploads before closing"
+    )
+    join_timeout_s: float = Field(
+        600.0, gt=0, description="seconds to wait for --min-clients clients to connect"
+    )
+    round_retries: int = Field(
+        2, ge=0, description="times a round that missed --min-clients is retried before failing"
+    )
+    model: str = Field(
+        "cnn", description="model: cnn, a torchvision name (resnet18, ...) or module:function"
+    )
+    dataset: str = Field(
+        "digits", description="dataset: digits, mnist, fashion-mnist, cifar10 or module:function"
+    )
+    data_dir: Path = Field(Path("data"), description="folder holding downloaded datasets")
+    download: bool = Field(False, description="download the dataset into --data-dir if missing")
+    seed: int = Field(0, ge=0, description="seed for the train/test split, init and selection")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of the dataset held out for server evaluation"
+    )
+    num_partitions: int = Field(
+        0, ge=0, description="data shards handed out to clients (0 = --min-clients)"
+    )
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="how shards split labels")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID)")
+    local_epochs: int = Field(1, ge=1, description="local epochs each client trains per round")
+    batch_size: int = Field(32, ge=1, description="local mini-batch size")
+    learning_rate: float = Field(0.05, gt=0, description="local learning rate")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="local optimizer")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="local L2 weight decay")
+    server_lr: float = Field(1.0, gt=0, description="server step size on the averaged delta")
+    evaluate: bool = Field(True, description="evaluate the global model after every round")
+    out: Path = Field(Path("runs/latest"), description="folder for checkpoint and metrics")
+    chunk_size_bytes: int = Field(
+        1 << 20, ge=1024, le=3 << 20, description="tensor bytes per streamed message"
+    )
+    spool_memory_bytes: int = Field(
+        8 << 20, ge=0, description="bytes of one upload staged in memory before spilling to disk"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="logging level"
+    )
+
+    @model_validator(mode="after")
+    def _selection_fits(self) -> ServerSettings:
+        if self.clients_per_round and self.clients_per_round < self.min_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) is below "
+                f"min_clients ({self.min_clients}): no round could ever count"
+            )
+        return self
+
+    @property
+    def partitions(self) -> int:
+        return self.num_partitions or self.min_clients
