@@ -12,9 +12,6 @@ from collections.abc import Iterable, Mapping
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fedstream.common.codec import (
     ALIGNMENT,
     DTYPES,
@@ -27,6 +24,8 @@ from fedstream.common.codec import (
     views,
 )
 from fedstream.common.errors import ManifestError, TransferError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -186,7 +185,10 @@ def test_payload_that_is_an_exact_multiple_of_the_chunk_size_has_no_short_last_c
 
 
 def test_one_byte_chunks_carry_the_payload_byte_by_byte() -> None:
-    state = {"a": torch.tensor([1, 2, 3], dtype=torch.int16), "b": torch.tensor([7], dtype=torch.int8)}
+    state = {
+        "a": torch.tensor([1, 2, 3], dtype=torch.int16),
+        "b": torch.tensor([7], dtype=torch.int8),
+    }
     manifest = Manifest.of(state)  # a: 6 bytes, 2 bytes padding, b: 1 byte
     chunks = list(iter_payload(state, manifest, chunk_bytes=1))
     assert len(chunks) == manifest.total_bytes == 9
@@ -265,7 +267,9 @@ def test_views_refuse_a_buffer_that_is_too_small() -> None:
 # ---- PayloadAssembler -------------------------------------------------------------------
 
 
-def streamed(state: Mapping[str, torch.Tensor], chunk_bytes: int = 8) -> tuple[Manifest, list[bytes]]:
+def streamed(
+    state: Mapping[str, torch.Tensor], chunk_bytes: int = 8
+) -> tuple[Manifest, list[bytes]]:
     manifest = Manifest.of(state)
     return manifest, list(iter_payload(state, manifest, chunk_bytes))
 
