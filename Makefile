@@ -60,11 +60,17 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
+## A docker-compose cluster (docker/): one fl-server and FL_CLIENTS (default 2) fl-client
+## containers. `make cluster-up FL_CLIENTS=4`; one client per GPU:
+## `make cluster-up CLUSTER_FILE=docker/docker-compose.gpu.yml`. Volumes outlive cluster-down.
+COMPOSE ?= docker compose
+CLUSTER_FILE ?= docker/docker-compose.yml
+
 cluster-up:
-	docker compose -f docker/docker-compose.yml up --build -d
+	$(COMPOSE) -f $(CLUSTER_FILE) up --build -d
 
 cluster-down:
-	docker compose -f docker/docker-compose.yml down
+	$(COMPOSE) -f $(CLUSTER_FILE) down
 
 clean:
 	rm -rf .proto-build build *.egg-info .pytest_cache .mypy_cache
