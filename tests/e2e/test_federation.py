@@ -1,0 +1,155 @@
+"""Real fl-server and fl-client processes over loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedstream.common.data import load_digits
+from fedstream.common.models import build_model
+from fedstream.common.training import evaluate
+from fedstream.server.checkpoint import load_checkpoint
+from tests.procs import Cluster, client_argv, free_port, server_argv
+
+pytestmark = pytest.mark.e2e
+
+LISTENING = r"listening on .*:(\d+)"
+
+
+def start_server(cluster: Cluster, out: Path, *flags: str) -> tuple[object, int]:
+    port = free_port()
+    server = cluster.start(
+        "server",
+        server_argv("--host", "127.0.0.1", "--port", str(port), "--out", str(out), *flags),
+    )
+    server.wait_for(LISTENING, timeout=120)
+    return server, port
+
+
+def metrics(out: Path) -> list[dict]:
+    with (out / "metrics.jsonl").open() as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tmp_path: Path):
+    out = tmp_path / "run"
+    server, port = start_server(
+        cluster, out, "--rounds", "4", "--min-clients", "3", "--round-timeout", "120"
+    )
+    clients = [
+        cluster.start(
+            f"client-{i}",
+            client_argv("--server", f"127.0.0.1:{port}", "--client-id", f"c{i}",
+                        "--num-threads", "1"),
+        )
+        for i in range(3)
+    ]
+    assert server.wait(timeout=240) == 0, server.output()
+    for client in clients:
+        assert client.wait(timeout=60) == 0, client.output()
+        assert "server finished the run" in client.output()
+
+    history = metrics(out)
+    assert [r["round"] for r in history] == [1, 2, 3, 4]
+    assert all(r["succeeded"] == 3 for r in history)
+    assert history[-1]["accuracy"] > 0.90, history[-1]
+
+    # The checkpoint is a plain state dict that loads into a fresh model and scores the
+    # same accuracy as the server logged.
+    round_number, meta, state = load_checkpoint(out / "checkpoint.pt")
+    assert round_number == 4 and meta["dataset"] == "digits"
+    data = load_digits(seed=0, test_fraction=0.2)
+    model = build_model("cnn", data.input_shape, data.num_classes, seed=123)
+    model.load_state_dict(state)
+    _, accuracy = evaluate(model, data, torch.device("cpu"))
+    assert accuracy == pytest.approx(history[-1]["accuracy"])
+
+    # Parallelism: in every round, the clients' local training windows overlap in time.
+    for record in history:
+        windows = [(c["train_started_unix_s"], c["train_finished_unix_s"]) for c in record["clients"]]
+        latest_start = max(start for start, _ in windows)
+        earliest_finish = min(finish for _, finish in windows)
+        assert latest_start < earliest_finish, f"round {record['round']}: {windows}"
+
+
+def test_round_completes_when_a_client_is_killed_mid_round(cluster: Cluster, tmp_path: Path):
+    out = tmp_path / "run"
+    server, port = start_server(
+        cluster, out, "--rounds", "3", "--min-clients", "2", "--round-timeout", "120"
+    )
+    address = f"127.0.0.1:{port}"
+    steady = [
+        cluster.start(f"client-{i}", client_argv("--server", address, "--client-id", f"c{i}",
+                                                 "--num-threads", "1"))
+        for i in range(2)
+    ]
+    # The victim trains far longer than the others, so the kill lands inside round 1.
+    victim = cluster.start(
+        "victim",
+        client_argv("--server", address, "--client-id", "victim", "--local-epochs", "500",
+                    "--num-threads", "1"),
+    )
+    victim.wait_for(r"round 1: received global model", timeout=120)
+    server.wait_for(r"round 1: client c\d uploaded", timeout=120)
+    victim.signal(signal.SIGKILL)
+
+    assert server.wait(timeout=240) == 0, server.output()
+    for client in steady:
+        assert client.wait(timeout=60) == 0, client.output()
+    history = metrics(out)
+    assert [r["round"] for r in history] == [1, 2, 3]
+    # Whether round 1 had selected the victim or not, it never reported and the
+    # federation carried on with the two survivors.
+    assert all(r["succeeded"] == 2 for r in history)
+    assert all("victim" not in [c["client_id"] for c in r["clients"]] for r in history)
+
+
+def test_client_started_before_server_waits_and_joins(cluster: Cluster, tmp_path: Path):
+    port = free_port()
+    client = cluster.start(
+        "early-client",
+        client_argv("--server", f"127.0.0.1:{port}", "--client-id", "early",
+                    "--backoff-initial-s", "0.2", "--backoff-max-s", "1"),
+    )
+    server = cluster.start(
+        "server",
+        server_argv("--host", "127.0.0.1", "--port", str(port), "--out", str(tmp_path / "run"),
+                    "--rounds", "1", "--min-clients", "1"),
+    )
+    assert server.wait(timeout=180) == 0, server.output()
+    assert client.wait(timeout=60) == 0, client.output()
+    assert metrics(tmp_path / "run")[0]["clients"][0]["client_id"] == "early"
+
+
+def test_missing_gpu_is_a_clear_error_at_start() -> None:
+    # This test machine has no GPU; on one that has, index 999 still does not exist.
+    result = subprocess.run(
+        client_argv("--server", "127.0.0.1:1", "--gpu", "999"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--gpu 999" in result.stderr
+
+
+def test_local_launcher_runs_a_federation_and_prefixes_output(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedstream.server.launcher", "--clients", "2", "--rounds", "2",
+         "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[server]" in result.stdout and "[client-1]" in result.stdout
+    assert "round 2/2" in result.stdout
+    assert "final accuracy" in result.stdout
+    assert len(metrics(out)) == 2
