@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-
+from fedstream.client.settings import ClientSettings
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
 from fedstream.common.errors import TransferError
@@ -29,7 +29,6 @@ from fedstream.common.messages import (
 )
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
-from fedstream.client.settings import ClientSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 from fedstream.common.errors import ConfigError
 
 
@@ -22,7 +21,9 @@ def select_device(gpu: int | None) -> torch.device:
         raise ConfigError(f"--gpu {gpu} was given but CUDA is not available on this machine")
     count = torch.cuda.device_count()
     if gpu >= count:
-        raise ConfigError(f"--gpu {gpu} does not exist: this machine has {count} GPU(s) (0..{count - 1})")
+        raise ConfigError(
+            f"--gpu {gpu} does not exist: this machine has {count} GPU(s) (0..{count - 1})"
+        )
     torch.cuda.set_device(gpu)
     return torch.device("cuda", gpu)
 

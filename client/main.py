@@ -12,7 +12,6 @@ import sys
 from collections.abc import Sequence
 
 import grpc
-
 from fedstream.client.connection import Backoff, FinishEvent, ServerConnection
 from fedstream.client.device import configure_threads, select_device
 from fedstream.client.settings import ENV_PREFIX, ClientSettings
@@ -66,8 +65,7 @@ async def _upload(
                 log.warning("round %d: upload failed (%s), retrying", round_number, code.name)
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            log.warning("round %d: upload refused: %s %s", round_number, code.name,
-                        error.details())
+            log.warning("round %d: upload refused: %s %s", round_number, code.name, error.details())
             return
 
 
@@ -75,8 +73,7 @@ async def run_client(settings: ClientSettings) -> int:
     device = select_device(settings.gpu)
     threads = configure_threads(device, settings.num_threads)
     client_id = settings.client_id or f"{socket.gethostname()}-{os.getpid()}"
-    log.info("client %s on %s (%d threads), server %s", client_id, device, threads,
-             settings.server)
+    log.info("client %s on %s (%d threads), server %s", client_id, device, threads, settings.server)
     connection = ServerConnection(settings, client_id)
     trainer: LocalTrainer | None = None
     backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
@@ -88,16 +85,17 @@ async def run_client(settings: ClientSettings) -> int:
                     trainer = await asyncio.to_thread(
                         LocalTrainer, settings, joined.run, joined.partition_index, device
                     )
+                active: LocalTrainer = trainer
                 backoff.reset()
                 async for event in connection.rounds():
                     if isinstance(event, FinishEvent):
                         log.info("server finished the run: %s", event.reason)
                         return 0
                     task = event.task
-                    trainer.check_manifest(task.manifest)
+                    active.check_manifest(task.manifest)
                     log.info("round %d: received global model, training", task.round)
                     update = await asyncio.to_thread(
-                        trainer.train_round, task.round, task.config, event.global_state
+                        active.train_round, task.round, task.config, event.global_state
                     )
                     log.info(
                         "round %d: trained %d steps, loss %.4f, %.2fs",
@@ -112,12 +110,16 @@ async def run_client(settings: ClientSettings) -> int:
                 log.warning("model download failed (%s); reconnecting", error)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and trainer is None:
-                    log.error("server %s unreachable for %.0fs; giving up",
-                              settings.server, settings.connect_timeout_s)
+                    log.error(
+                        "server %s unreachable for %.0fs; giving up",
+                        settings.server,
+                        settings.connect_timeout_s,
+                    )
                     return 1
                 if error.code() not in RECONNECT_CODES:
-                    log.error("server refused this client: %s %s", error.code().name,
-                              error.details())
+                    log.error(
+                        "server refused this client: %s %s", error.code().name, error.details()
+                    )
                     return 1
                 log.warning("connection lost (%s); reconnecting", error.code().name)
             await asyncio.sleep(backoff.next_delay())

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
+from fedstream.client.settings import ClientSettings
 from fedstream.common.codec import Manifest
 from fedstream.common.data import Splits, load_dataset
 from fedstream.common.errors import ConfigError
@@ -14,7 +14,6 @@ from fedstream.common.messages import RunSpec, TrainConfig, TrainReport
 from fedstream.common.models import build_model
 from fedstream.common.partition import shard_indices
 from fedstream.common.training import train_local
-from fedstream.client.settings import ClientSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +52,21 @@ class LocalTrainer:
         self.model = build_model(run.model, self.data.input_shape, self.data.num_classes, run.seed)
         self.manifest = Manifest.of(self.model.state_dict())
         self.seed = run.seed * 1_000_003 + index
-        log.info("dataset %s: shard %d of %d, %d examples on %s",
-                 dataset, index, num, len(self.y), device)
+        log.info(
+            "dataset %s: shard %d of %d, %d examples on %s",
+            dataset,
+            index,
+            num,
+            len(self.y),
+            device,
+        )
 
     def check_manifest(self, manifest: Manifest) -> None:
         difference = self.manifest.describe_difference(manifest)
         if difference is not None:
-            raise ConfigError(f"the server's model does not match this client's model: {difference}")
+            raise ConfigError(
+                f"the server's model does not match this client's model: {difference}"
+            )
 
     def effective_config(self, config: TrainConfig) -> TrainConfig:
         s = self.settings

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-
 from fedstream.common.errors import ManifestError, TransferError
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
@@ -145,7 +144,8 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.numel() == 0:
         return memoryview(b"")
     # view as uint8 keeps bfloat16 (which numpy lacks) and bool on the zero-copy path.
-    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+    array = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(array.data).cast("B")
 
 
 def iter_payload(

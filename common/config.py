@@ -15,10 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedstream.common.errors import ConfigError
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
-
-from fedstream.common.errors import ConfigError
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 

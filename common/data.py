@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from fedstream.common.errors import ConfigError
 from fedstream.common.plugins import is_import_path, load_callable
 
@@ -44,11 +43,11 @@ class Splits:
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """Stored values -> normalised float32 inputs, one batch at a time."""
         channels = batch.shape[1]
-        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1).expand(
-            1, channels, 1, 1
+        mean = (
+            torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1).expand(1, channels, 1, 1)
         )
-        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1).expand(
-            1, channels, 1, 1
+        std = (
+            torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1).expand(1, channels, 1, 1)
         )
         return (batch.float() * self.scale - mean) / std
 
@@ -89,7 +88,7 @@ def _torchvision_set(name: str, root: Path, train: bool, download: bool) -> obje
 
 def load_torchvision(name: str, data_dir: Path, download: bool) -> Splits:
     """MNIST, Fashion-MNIST or CIFAR-10 with their official train/test split."""
-    parts = []
+    parts: list[torch.Tensor] = []
     for train in (True, False):
         dataset = _torchvision_set(name, data_dir, train, download)
         data = torch.as_tensor(dataset.data)  # type: ignore[attr-defined]
@@ -104,7 +103,10 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Splits:
         "fashion-mnist": ((0.2860,), (0.3530,)),
         "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     }[name]
-    return Splits(*parts, num_classes=10, scale=1 / 255, mean=stats[0], std=stats[1])
+    train_x, train_y, test_x, test_y = parts
+    return Splits(
+        train_x, train_y, test_x, test_y, num_classes=10, scale=1 / 255, mean=stats[0], std=stats[1]
+    )
 
 
 def load_dataset(

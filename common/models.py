@@ -7,10 +7,9 @@ state dict always have the same tensors in the same order.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from fedstream.common.errors import ConfigError
 from fedstream.common.plugins import is_import_path, load_callable
+from torch import nn
 
 
 class SmallCNN(nn.Module):
@@ -52,17 +51,17 @@ def build_model(
     if name == "cnn":
         return SmallCNN(in_channels=input_shape[0], num_classes=num_classes)
     if is_import_path(name):
-        model = load_callable(name)(input_shape=input_shape, num_classes=num_classes)
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"{name!r} returned {type(model).__name__}, not torch.nn.Module")
-        return model
+        custom = load_callable(name)(input_shape=input_shape, num_classes=num_classes)
+        if not isinstance(custom, nn.Module):
+            raise ConfigError(f"{name!r} returned {type(custom).__name__}, not torch.nn.Module")
+        return custom
     from torchvision import models
 
     if name not in models.list_models(module=models):
         raise ConfigError(f"unknown model {name!r}: use cnn, a torchvision model or module:fn")
-    model = models.get_model(name, weights=None, num_classes=num_classes)
     if input_shape[0] != 3:
         raise ConfigError(
             f"torchvision model {name!r} expects 3-channel images, dataset has {input_shape[0]}"
         )
-    return model
+    vision_model: nn.Module = models.get_model(name, weights=None, num_classes=num_classes)
+    return vision_model

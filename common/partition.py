@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from fedstream.common.errors import ConfigError
 
 MAX_DIRICHLET_DRAWS = 1000

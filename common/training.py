@@ -6,10 +6,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from fedstream.common.data import Splits
 from fedstream.common.messages import TrainConfig
+from torch import nn
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-
 from fedstream.common.codec import Manifest, TensorSpec
 
 

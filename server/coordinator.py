@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from fedstream.common.codec import Manifest, iter_payload
 from fedstream.common.errors import ManifestError, RoundFailed, UploadRejected
 from fedstream.common.messages import RoundTask, RunSpec, TrainConfig, UpdateHeader
@@ -244,7 +243,11 @@ class Coordinator:
         who = f"client {header.client_id!r}"
         if header.client_id not in self.sessions:
             raise UploadRejected(f"{who} is not known; join first", reason="unknown_client")
-        if state is None or header.round != state.number or state.phase is not RoundPhase.COLLECTING:
+        if (
+            state is None
+            or header.round != state.number
+            or state.phase is not RoundPhase.COLLECTING
+        ):
             now = "none" if state is None else f"{state.number} ({state.phase.value})"
             raise UploadRejected(
                 f"{who}: upload for round {header.round}, current round is {now}",
@@ -334,7 +337,9 @@ class Coordinator:
         want = self.config.clients_per_round or len(connected)
         if want >= len(connected):
             return frozenset(connected)
-        return frozenset(random.Random(self.config.seed * 100_003 + round_number).sample(connected, want))
+        return frozenset(
+            random.Random(self.config.seed * 100_003 + round_number).sample(connected, want)
+        )
 
     async def _run_round(self, number: int) -> RoundSummary | None:
         loop = asyncio.get_running_loop()
@@ -373,9 +378,7 @@ class Coordinator:
                 state.failures[client_id] = (
                     f"no upload within the {self.config.round_timeout_s:g}s round timeout"
                 )
-                log.warning(
-                    "round %d: client %s missed the deadline", number, client_id
-                )
+                log.warning("round %d: client %s missed the deadline", number, client_id)
             if len(state.results) < self.config.min_clients:
                 state.move_to(RoundPhase.FAILED)
                 log.error(
@@ -388,7 +391,9 @@ class Coordinator:
                 )
                 return None
             state.move_to(RoundPhase.AGGREGATING)
-        await asyncio.to_thread(state.accumulator.apply_to, self.global_state, self.config.server_lr)
+        await asyncio.to_thread(
+            state.accumulator.apply_to, self.global_state, self.config.server_lr
+        )
         evaluation = await asyncio.to_thread(self._evaluate, self.global_state)
         results = tuple(state.results[c] for c in sorted(state.results))
         total = sum(r.num_examples for r in results)
@@ -419,16 +424,23 @@ class Coordinator:
                         summaries.append(summary)
                         break
                     if attempt < self.config.round_retries:
-                        log.warning("round %d: retrying (%d/%d)", number, attempt + 1,
-                                    self.config.round_retries)
+                        log.warning(
+                            "round %d: retrying (%d/%d)",
+                            number,
+                            attempt + 1,
+                            self.config.round_retries,
+                        )
                 else:
                     raise RoundFailed(
                         f"round {number} failed {self.config.round_retries + 1} times: fewer "
                         f"than {self.config.min_clients} clients reported"
                     )
         finally:
-            self.finish("run complete" if len(summaries) + self.first_round > self.config.rounds
-                        else "run stopped")
+            self.finish(
+                "run complete"
+                if len(summaries) + self.first_round > self.config.rounds
+                else "run stopped"
+            )
         return summaries
 
     def finish(self, reason: str) -> None:

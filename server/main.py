@@ -13,14 +13,12 @@ from collections.abc import Mapping, Sequence
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
+from fedstream.common.config import add_flags, parse_into
 from fedstream.common.data import Splits, load_dataset
 from fedstream.common.errors import ConfigError, RoundFailed
 from fedstream.common.logs import setup_logging
 from fedstream.common.messages import RunSpec, TrainConfig
 from fedstream.common.models import build_model
-from fedstream.common.config import add_flags, parse_into
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
 from fedstream.common.training import evaluate
 from fedstream.server.checkpoint import MetricsLog, save_checkpoint
@@ -32,6 +30,7 @@ from fedstream.server.coordinator import (
 )
 from fedstream.server.servicer import FederationServicer
 from fedstream.server.settings import ENV_PREFIX, ServerSettings
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger("fedstream.server")
 
@@ -47,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         "folds their deltas into a FedAvg sum, evaluates and checkpoints every round.",
     )
     parser.add_argument("--config", help="TOML file with settings (flags and FL_SERVER_* win)")
-    add_flags(parser, ServerSettings, renames={"round_timeout_s": "--round-timeout",
-                                              "join_timeout_s": "--join-timeout"})
+    add_flags(
+        parser,
+        ServerSettings,
+        renames={"round_timeout_s": "--round-timeout", "join_timeout_s": "--join-timeout"},
+    )
     return parser
 
 
@@ -90,7 +92,8 @@ class Run:
         if not self.settings.evaluate or self.model is None or self.data is None:
             return None
         self.model.load_state_dict(state)
-        return evaluate(self.model, self.data, torch.device("cpu"))
+        loss, accuracy = evaluate(self.model, self.data, torch.device("cpu"))
+        return loss, accuracy
 
     def on_round(self, summary: RoundSummary, state: Mapping[str, torch.Tensor]) -> None:
         s = self.settings
@@ -170,8 +173,14 @@ async def serve(settings: ServerSettings) -> int:
     if not _is_loopback(settings.host):
         log.warning("listening on %s without TLS: traffic is not encrypted", settings.host)
     mb = coordinator.manifest.total_bytes / 1e6
-    log.info("listening on %s:%d (model %s, %.2f MB; dataset %s)",
-             settings.host, port, settings.model, mb, settings.dataset)
+    log.info(
+        "listening on %s:%d (model %s, %.2f MB; dataset %s)",
+        settings.host,
+        port,
+        settings.model,
+        mb,
+        settings.dataset,
+    )
 
     loop = asyncio.get_running_loop()
     runner = asyncio.current_task()

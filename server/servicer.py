@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-
 from fedstream.common import wire
 from fedstream.common.errors import FedstreamError, ManifestError, UploadRejected
 from fedstream.common.messages import PROTOCOL_VERSION, RoundTask
@@ -43,7 +42,7 @@ def status_for(error: FedstreamError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class FederationServicer(pb_grpc.FederationServicer):
+class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
     def __init__(self, coordinator: Coordinator, max_message_bytes: int) -> None:
         self.coordinator = coordinator
         self.max_message_bytes = max_message_bytes

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
 from fedstream.common.codec import Manifest
 from fedstream.common.errors import UploadRejected
 from fedstream.server.aggregate import DeltaAccumulator
@@ -32,7 +31,7 @@ class UploadReceiver:
     ) -> None:
         self.manifest = manifest
         self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in close()
-            max_size=spool_memory_bytes, dir=spool_dir
+            max_size=spool_memory_bytes, dir=None if spool_dir is None else str(spool_dir)
         )
         self._crc = 0
         self.received_bytes = 0

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fedstream.common.data import load_digits
 from fedstream.common.models import build_model
 from fedstream.common.training import evaluate
 from fedstream.server.checkpoint import load_checkpoint
+
 from tests.procs import Cluster, client_argv, free_port, server_argv
 
 pytestmark = pytest.mark.e2e
@@ -45,8 +45,9 @@ def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tm
     clients = [
         cluster.start(
             f"client-{i}",
-            client_argv("--server", f"127.0.0.1:{port}", "--client-id", f"c{i}",
-                        "--num-threads", "1"),
+            client_argv(
+                "--server", f"127.0.0.1:{port}", "--client-id", f"c{i}", "--num-threads", "1"
+            ),
         )
         for i in range(3)
     ]
@@ -72,7 +73,9 @@ def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tm
 
     # Parallelism: in every round, the clients' local training windows overlap in time.
     for record in history:
-        windows = [(c["train_started_unix_s"], c["train_finished_unix_s"]) for c in record["clients"]]
+        windows = [
+            (c["train_started_unix_s"], c["train_finished_unix_s"]) for c in record["clients"]
+        ]
         latest_start = max(start for start, _ in windows)
         earliest_finish = min(finish for _, finish in windows)
         assert latest_start < earliest_finish, f"round {record['round']}: {windows}"
@@ -85,15 +88,25 @@ def test_round_completes_when_a_client_is_killed_mid_round(cluster: Cluster, tmp
     )
     address = f"127.0.0.1:{port}"
     steady = [
-        cluster.start(f"client-{i}", client_argv("--server", address, "--client-id", f"c{i}",
-                                                 "--num-threads", "1"))
+        cluster.start(
+            f"client-{i}",
+            client_argv("--server", address, "--client-id", f"c{i}", "--num-threads", "1"),
+        )
         for i in range(2)
     ]
     # The victim trains far longer than the others, so the kill lands inside round 1.
     victim = cluster.start(
         "victim",
-        client_argv("--server", address, "--client-id", "victim", "--local-epochs", "500",
-                    "--num-threads", "1"),
+        client_argv(
+            "--server",
+            address,
+            "--client-id",
+            "victim",
+            "--local-epochs",
+            "500",
+            "--num-threads",
+            "1",
+        ),
     )
     victim.wait_for(r"round 1: received global model", timeout=120)
     server.wait_for(r"round 1: client c\d uploaded", timeout=120)
@@ -114,13 +127,31 @@ def test_client_started_before_server_waits_and_joins(cluster: Cluster, tmp_path
     port = free_port()
     client = cluster.start(
         "early-client",
-        client_argv("--server", f"127.0.0.1:{port}", "--client-id", "early",
-                    "--backoff-initial-s", "0.2", "--backoff-max-s", "1"),
+        client_argv(
+            "--server",
+            f"127.0.0.1:{port}",
+            "--client-id",
+            "early",
+            "--backoff-initial-s",
+            "0.2",
+            "--backoff-max-s",
+            "1",
+        ),
     )
     server = cluster.start(
         "server",
-        server_argv("--host", "127.0.0.1", "--port", str(port), "--out", str(tmp_path / "run"),
-                    "--rounds", "1", "--min-clients", "1"),
+        server_argv(
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--out",
+            str(tmp_path / "run"),
+            "--rounds",
+            "1",
+            "--min-clients",
+            "1",
+        ),
     )
     assert server.wait(timeout=180) == 0, server.output()
     assert client.wait(timeout=60) == 0, client.output()
@@ -142,8 +173,17 @@ def test_missing_gpu_is_a_clear_error_at_start() -> None:
 def test_local_launcher_runs_a_federation_and_prefixes_output(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "fedstream.server.launcher", "--clients", "2", "--rounds", "2",
-         "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "fedstream.server.launcher",
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=240,

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 import torch
-
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, decode, iter_payload
 from fedstream.common.messages import PROTOCOL_VERSION, RunSpec, TrainConfig, TrainReport

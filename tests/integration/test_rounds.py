@@ -8,7 +8,6 @@ import math
 import grpc
 import pytest
 import torch
-
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.server.aggregate import fedavg
 
@@ -271,9 +270,7 @@ async def test_disconnect_mid_upload_is_a_failure_and_round_completes(make_harne
     summaries = await asyncio.wait_for(run, 20)
     assert summaries[0].succeeded == 2
     assert "a" in summaries[0].failures
-    torch.testing.assert_close(
-        harness.coordinator.global_state["layer.bias"], torch.ones(4)
-    )
+    torch.testing.assert_close(harness.coordinator.global_state["layer.bias"], torch.ones(4))
 
 
 async def test_client_that_drops_its_round_stream_is_a_failure(make_harness) -> None:
