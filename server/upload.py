@@ -14,6 +14,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import torch
 from fedstream.common.codec import Manifest
@@ -30,8 +31,13 @@ class UploadReceiver:
         self, manifest: Manifest, spool_memory_bytes: int = 8 << 20, spool_dir: Path | None = None
     ) -> None:
         self.manifest = manifest
-        self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in close()
-            max_size=spool_memory_bytes, dir=None if spool_dir is None else str(spool_dir)
+        folder = None if spool_dir is None else str(spool_dir)
+        # SpooledTemporaryFile reads max_size=0 as "never roll over"; 0 here means "always
+        # on disk", so it gets a plain temporary file.
+        self._spool: IO[bytes] = (  # both are BinaryIO with readinto at run time
+            tempfile.SpooledTemporaryFile(max_size=spool_memory_bytes, dir=folder)
+            if spool_memory_bytes > 0
+            else tempfile.TemporaryFile(dir=folder)
         )
         self._crc = 0
         self.received_bytes = 0
@@ -92,7 +98,7 @@ class UploadReceiver:
             while done < spec.numel:
                 count = min(elements_per_block, spec.numel - done)
                 raw = bytearray(count * spec.itemsize)
-                self._spool.readinto(raw)
+                self._spool.readinto(raw)  # type: ignore[attr-defined]
                 yield spec.name, done, torch.frombuffer(raw, dtype=spec.torch_dtype)
                 done += count
 

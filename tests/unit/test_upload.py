@@ -243,11 +243,6 @@ def test_upload_with_zero_spool_memory_folds_the_same(
     assert_same_sum(accumulator, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UploadReceiver passes spool_memory_bytes=0 to SpooledTemporaryFile as max_size=0, "
-    "which means 'never roll over': the whole upload stays in memory instead of on disk",
-)
 def test_zero_spool_memory_stages_the_upload_on_disk(
     tmp_path: Path, delta: dict[str, torch.Tensor], manifest: Manifest
 ) -> None:
