@@ -19,7 +19,8 @@ SCHEMES = [("iid", 0.5), ("dirichlet", 0.1), ("dirichlet", 1.0)]
 
 @pytest.fixture(scope="module")
 def labels() -> torch.Tensor:
-    return load_dataset("digits", Path("unused"), seed=0).train_y  # digits needs no folder
+    train_y: torch.Tensor = load_dataset("digits", Path("unused"), seed=0).train_y  # no folder
+    return train_y
 
 
 def all_shards(

@@ -210,14 +210,14 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
 def test_server_settings_are_frozen() -> None:
     settings = server()
     with pytest.raises(ValidationError):
-        settings.rounds = 3  # type: ignore[misc]
+        settings.rounds = 3  # type: ignore[misc,unused-ignore]
     assert settings.rounds == 10
 
 
 def test_client_settings_are_frozen() -> None:
     settings = load_settings(ClientSettings, CLIENT_PREFIX, {}, None, {})
     with pytest.raises(ValidationError):
-        settings.server = "elsewhere:1"  # type: ignore[misc]
+        settings.server = "elsewhere:1"  # type: ignore[misc,unused-ignore]
     assert settings.server == "localhost:50051"
 
 
