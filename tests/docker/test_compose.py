@@ -285,7 +285,8 @@ def build_args(dockerfile: Path) -> dict[str, str]:
 
 
 def pinned(package: str) -> str:
-    for requirement in PYPROJECT["project"]["dependencies"]:
+    requirements: list[str] = PYPROJECT["project"]["dependencies"]
+    for requirement in requirements:
         name, _, version = requirement.partition("==")
         if name == package:
             return version
