@@ -74,17 +74,31 @@ class ServerConnection:
     def __init__(self, settings: ClientSettings, client_id: str) -> None:
         self.settings = settings
         self.client_id = client_id
-        self.channel = grpc.aio.insecure_channel(
-            settings.server,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.initial_reconnect_backoff_ms", int(settings.backoff_initial_s * 1000)),
-                ("grpc.min_reconnect_backoff_ms", int(settings.backoff_initial_s * 1000)),
-                ("grpc.max_reconnect_backoff_ms", int(settings.backoff_max_s * 1000)),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-            ],
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", int(settings.backoff_initial_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(settings.backoff_initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(settings.backoff_max_s * 1000)),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
+        if settings.tls_ca is None:
+            self.channel = grpc.aio.insecure_channel(settings.server, options=options)
+        else:
+            if settings.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=settings.tls_ca.read_bytes(),
+                private_key=None if settings.tls_key is None else settings.tls_key.read_bytes(),
+                certificate_chain=(
+                    None if settings.tls_cert is None else settings.tls_cert.read_bytes()
+                ),
+            )
+            self.channel = grpc.aio.secure_channel(settings.server, credentials, options=options)
+        token = settings.read_token()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            () if token is None else (("authorization", f"Bearer {token}"),)
         )
         self.stub = pb_grpc.FederationStub(self.channel)
         self._pin = settings.gpu is not None
@@ -92,18 +106,24 @@ class ServerConnection:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def join(self) -> Joined:
+    async def join(self, partition_index: int | None = None) -> Joined:
         """Register with the server, waiting up to ``connect_timeout_s`` for it to be up."""
+        request = pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION)
+        if partition_index is not None:
+            request.partition_index = partition_index
         reply = await self.stub.Join(
-            pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION),
+            request,
             wait_for_ready=True,
             timeout=self.settings.connect_timeout_s,
+            metadata=self._metadata,
         )
         return Joined(reply.client_id, wire.run_spec_from_pb(reply.run), reply.partition_index)
 
     async def rounds(self) -> AsyncIterator[RoundEvent | FinishEvent]:
         """Yield each round's task with the received global weights, then Finish."""
-        call = self.stub.WatchRounds(pb.WatchRequest(client_id=self.client_id))
+        call = self.stub.WatchRounds(
+            pb.WatchRequest(client_id=self.client_id), metadata=self._metadata
+        )
         task: RoundTask | None = None
         assembler: PayloadAssembler | None = None
         async for message in call:
@@ -144,4 +164,4 @@ class ServerConnection:
                 yield pb.UpdateMessage(chunk=pb.Chunk(data=chunk))
             yield pb.UpdateMessage(end=pb.TransferEnd(total_bytes=sent, crc32=crc))
 
-        await self.stub.PushUpdate(messages(), wait_for_ready=True)
+        await self.stub.PushUpdate(messages(), wait_for_ready=True, metadata=self._metadata)

@@ -80,7 +80,8 @@ async def run_client(settings: ClientSettings) -> int:
     try:
         while True:
             try:
-                joined = await connection.join()
+                hint = settings.partition_index if trainer is None else trainer.partition[0]
+                joined = await connection.join(hint)
                 if trainer is None:
                     trainer = await asyncio.to_thread(
                         LocalTrainer, settings, joined.run, joined.partition_index, device

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 ENV_PREFIX = "FL_CLIENT_"
 
@@ -55,6 +55,42 @@ class ClientSettings(BaseModel):
     chunk_size_bytes: int = Field(
         1 << 20, ge=1024, le=3 << 20, description="tensor bytes per streamed message"
     )
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle to verify the server: connect over TLS"
+    )
+    tls_cert: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_server_name: str | None = Field(
+        None, description="name to expect in the server certificate (default: host of --server)"
+    )
+    token_file: Path | None = Field(None, description="file holding this client's token")
+    token: SecretStr | None = Field(
+        None, description="this client's token (prefer --token-file or FL_CLIENT_TOKEN)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert (mutual TLS) needs tls_ca to verify the server")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        for name in ("tls_ca", "tls_cert", "tls_key", "token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be at least backoff_initial_s")
+        return self
+
+    def read_token(self) -> str | None:
+        """The token to present, from --token or --token-file (never logged)."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            return self.token_file.read_text().strip()
+        return None

@@ -45,7 +45,9 @@ def add_flags(
         if name in short:
             flags.insert(0, short[name])
         default = field.default if field.default is not PydanticUndefined else None
-        help_text = f"{field.description} (default: {default!r})" if field.description else None
+        help_text = field.description
+        if help_text and "default" not in help_text:
+            help_text += f" (default: {default!r})"
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(

@@ -63,6 +63,17 @@ class MetricsLog:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def truncate(self, last_round: int) -> None:
+        """Keep only records of rounds <= ``last_round`` (rewritten atomically)."""
+        kept = [r for r in self.read() if int(r.get("round", 0)) <= last_round]
+        temporary = self.path.with_suffix(".tmp")
+        with temporary.open("w", encoding="utf-8") as handle:
+            for record in kept:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []

@@ -153,6 +153,7 @@ class CoordinatorConfig:
     seed: int
     train: TrainConfig
     run: RunSpec
+    max_clients: int = 1000
 
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], tuple[float, float] | None]
@@ -182,13 +183,24 @@ class Coordinator:
         self.finished = False
         self._membership = asyncio.Condition()
         self._fold_lock = asyncio.Lock()
+        self._uploading: set[str] = set()
+        self._detached = asyncio.Event()
 
     # ---- membership (called by handlers) -------------------------------------------
 
-    def join(self, client_id: str) -> ClientSession:
+    def join(self, client_id: str, partition_hint: int | None = None) -> ClientSession:
         session = self.sessions.get(client_id)
         if session is None:
-            index = len(self.sessions) % self.config.run.num_partitions
+            if len(self.sessions) >= self.config.max_clients:
+                raise UploadRejected(
+                    f"client {client_id!r} refused: {self.config.max_clients} clients already "
+                    "joined (--max-clients)",
+                    reason="busy",
+                )
+            if partition_hint is not None and partition_hint < self.config.run.num_partitions:
+                index = partition_hint
+            else:
+                index = len(self.sessions) % self.config.run.num_partitions
             session = ClientSession(client_id, index)
             self.sessions[client_id] = session
             log.info("client %s joined (partition %d)", client_id, index)
@@ -213,8 +225,15 @@ class Coordinator:
 
     def detach(self, session: ClientSession, why: str) -> None:
         session.connected = False
+        self._detached.set()
         if self.current is not None:
             self.current.record_failure(session.client_id, why)
+
+    async def wait_all_detached(self) -> None:
+        """Return once no client holds a round stream (used to drain at shutdown)."""
+        while self.connected_clients():
+            self._detached.clear()
+            await self._detached.wait()
 
     def connected_clients(self) -> list[str]:
         return sorted(cid for cid, s in self.sessions.items() if s.connected)
@@ -261,12 +280,19 @@ class Coordinator:
             raise UploadRejected(
                 f"{who} already uploaded for round {state.number}", reason="duplicate"
             )
+        if header.client_id in self._uploading:
+            raise UploadRejected(f"{who} already has an upload in progress", reason="busy")
         if header.num_examples < 1:
             raise UploadRejected(f"{who}: num_examples must be positive")
         difference = self.manifest.describe_difference(header.manifest)
         if difference is not None:
             raise ManifestError(f"{who}, round {state.number}: {difference}")
+        self._uploading.add(header.client_id)
         return UploadTicket(header.client_id, state.number, header.num_examples, header)
+
+    def end_upload(self, ticket: UploadTicket) -> None:
+        """Release the client's upload slot, whatever became of the upload."""
+        self._uploading.discard(ticket.client_id)
 
     def upload_failed(self, ticket: UploadTicket, why: str) -> None:
         state = self.current

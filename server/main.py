@@ -21,7 +21,13 @@ from fedstream.common.messages import RunSpec, TrainConfig
 from fedstream.common.models import build_model
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
 from fedstream.common.training import evaluate
-from fedstream.server.checkpoint import MetricsLog, save_checkpoint
+from fedstream.server.auth import TokenTable, server_credentials
+from fedstream.server.checkpoint import (
+    CHECKPOINT_NAME,
+    MetricsLog,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedstream.server.coordinator import (
     Coordinator,
     CoordinatorConfig,
@@ -88,6 +94,37 @@ class Run:
         self.model = build_model(s.model, self.data.input_shape, self.data.num_classes, s.seed)
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def resume_point(self, state: dict[str, torch.Tensor]) -> int:
+        """The first round to run: 1, or the round after the checkpoint in --out.
+
+        On resume ``state`` is overwritten in place with the checkpoint's weights and the
+        metrics log is cut back to the checkpoint's round, so a round that was logged but
+        not checkpointed before a crash is run again and logged once.
+        """
+        s = self.settings
+        path = s.out / CHECKPOINT_NAME
+        if not path.exists():
+            return 1
+        if not s.resume:
+            log.info("--no-resume: starting afresh, replacing %s", path)
+            self.metrics.truncate(0)
+            return 1
+        round_number, meta, saved = load_checkpoint(path)
+        for key in ("model", "dataset"):
+            if meta.get(key) != getattr(s, key):
+                raise ConfigError(
+                    f"checkpoint {path} was trained with {key}={meta.get(key)!r}, this run uses "
+                    f"{getattr(s, key)!r}; use another --out or --no-resume"
+                )
+        missing = state.keys() ^ saved.keys()
+        if missing:
+            raise ConfigError(f"checkpoint {path} does not fit the model: {sorted(missing)[:5]}")
+        for name, tensor in saved.items():
+            state[name].copy_(tensor)
+        self.metrics.truncate(round_number)
+        log.info("resuming after round %d from %s", round_number, path)
+        return int(round_number) + 1
+
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> tuple[float, float] | None:
         if not self.settings.evaluate or self.model is None or self.data is None:
             return None
@@ -98,8 +135,12 @@ class Run:
     def on_round(self, summary: RoundSummary, state: Mapping[str, torch.Tensor]) -> None:
         s = self.settings
         record = summary_record(summary)
-        save_checkpoint(s.out, state, summary.round, {"model": s.model, "dataset": s.dataset})
+        # Metrics first: after a crash between the two, resuming cuts the log back to the
+        # checkpoint's round, so no round is ever logged twice or lost.
         self.metrics.append(record)
+        save_checkpoint(
+            s.out, state, summary.round, {"model": s.model, "dataset": s.dataset, "seed": s.seed}
+        )
         accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.4f}"
         log.info(
             "round %d/%d  clients %d/%d  train_loss %.4f  accuracy %s  time %.2fs",
@@ -126,6 +167,7 @@ def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
         chunk_size_bytes=s.chunk_size_bytes,
         spool_memory_bytes=s.spool_memory_bytes,
         seed=s.seed,
+        max_clients=s.max_clients,
         train=TrainConfig(
             local_epochs=s.local_epochs,
             batch_size=s.batch_size,
@@ -147,16 +189,24 @@ def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
 
 
 async def start_server(
-    coordinator: Coordinator, host: str, port: int
+    coordinator: Coordinator,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    tokens: TokenTable | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the gRPC server for ``coordinator``; returns it with the bound port."""
     server = grpc.aio.server(options=channel_options())
     pb_grpc.add_FederationServicer_to_server(
-        FederationServicer(coordinator, MAX_MESSAGE_BYTES), server
+        FederationServicer(coordinator, MAX_MESSAGE_BYTES, tokens), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise ConfigError(f"cannot listen on {host}:{port}")
     await server.start()
@@ -168,9 +218,20 @@ async def start_server(
 async def serve(settings: ServerSettings) -> int:
     run = Run(settings)
     state = await asyncio.to_thread(run.initial_state)
-    coordinator = Coordinator(coordinator_config(settings), state, run.evaluate, run.on_round)
-    server, port, health_servicer = await start_server(coordinator, settings.host, settings.port)
-    if not _is_loopback(settings.host):
+    first_round = await asyncio.to_thread(run.resume_point, state)
+    coordinator = Coordinator(
+        coordinator_config(settings), state, run.evaluate, run.on_round, first_round
+    )
+    credentials = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+    tokens = None if settings.token_file is None else TokenTable.from_file(settings.token_file)
+    server, port, health_servicer = await start_server(
+        coordinator, settings.host, settings.port, credentials, tokens
+    )
+    if credentials is None and not _is_loopback(settings.host):
         log.warning("listening on %s without TLS: traffic is not encrypted", settings.host)
     mb = coordinator.manifest.total_bytes / 1e6
     log.info(
@@ -212,8 +273,7 @@ async def _drain(coordinator: Coordinator) -> None:
     """Give clients a moment to receive Finish so they can exit cleanly."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(GRACE_S):
-            while coordinator.connected_clients():
-                await asyncio.sleep(0.05)
+            await coordinator.wait_all_detached()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,7 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fl-server: {error}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, "server")
-    return asyncio.run(serve(settings))
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from fedstream.common.errors import FedstreamError, ManifestError, UploadRejecte
 from fedstream.common.messages import PROTOCOL_VERSION, RoundTask
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
+from fedstream.server.auth import TokenTable, bearer_token
 from fedstream.server.coordinator import Coordinator, Finish, UploadTicket
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,24 @@ def status_for(error: FedstreamError) -> grpc.StatusCode:
 
 
 class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
-    def __init__(self, coordinator: Coordinator, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        max_message_bytes: int,
+        tokens: TokenTable | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self.max_message_bytes = max_message_bytes
+        self.tokens = tokens
+
+    def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
+        if self.tokens is None:
+            return
+        if not self.tokens.admits(client_id, bearer_token(context.invocation_metadata())):
+            raise UploadRejected(
+                f"client {client_id!r} from {context.peer()} presented no valid token",
+                reason="unauthenticated",
+            )
 
     async def Join(  # noqa: N802 - gRPC method name
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
@@ -59,7 +75,13 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         client_id = request.client_id or f"client-{uuid.uuid4().hex[:8]}"
         if len(client_id) > 128:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client id longer than 128")
-        session = self.coordinator.join(client_id)
+        hint = request.partition_index if request.HasField("partition_index") else None
+        try:
+            self._authenticate(context, client_id)
+            session = self.coordinator.join(client_id, hint)
+        except FedstreamError as error:
+            log.warning("join refused: %s", error)
+            await context.abort(status_for(error), str(error))
         return pb.JoinReply(
             client_id=client_id,
             run=wire.run_spec_to_pb(self.coordinator.config.run),
@@ -71,6 +93,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ServerMessage]:
         try:
+            self._authenticate(context, request.client_id)
             session = await self.coordinator.attach(request.client_id)
         except FedstreamError as error:
             log.warning("watch refused for client %r: %s", request.client_id, error)
@@ -117,6 +140,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 raise UploadRejected("an upload must start with an UpdateHeader")
             header = wire.update_header_from_pb(first.header)
             where = f"client {header.client_id!r}, round {header.round}"
+            self._authenticate(context, header.client_id)
             ticket = self.coordinator.begin_upload(header)
             receiver = self.coordinator.new_receiver()
             ended = False
@@ -152,5 +176,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 log.warning("%s: connection lost during upload", where)
             raise
         finally:
+            if ticket is not None:
+                self.coordinator.end_upload(ticket)
             if receiver is not None:
                 receiver.close()

@@ -63,6 +63,22 @@ class ServerSettings(BaseModel):
     spool_memory_bytes: int = Field(
         8 << 20, ge=0, description="bytes of one upload staged in memory before spilling to disk"
     )
+    resume: bool = Field(
+        True, description="continue from the checkpoint in --out when there is one"
+    )
+    max_clients: int = Field(
+        1000, ge=1, description="most clients that may join; more get RESOURCE_EXHAUSTED"
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve over TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mTLS)"
+    )
+    token_file: Path | None = Field(
+        None,
+        description="file of 'client-id token' lines ('*' = shared join token); "
+        "clients must present a token",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )
@@ -74,6 +90,18 @@ class ServerSettings(BaseModel):
                 f"clients_per_round ({self.clients_per_round}) is below "
                 f"min_clients ({self.min_clients}): no round could ever count"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
         return self
 
     @property

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedstream/common/pb/fedstream.proto\x12\x0c\x66\x65\x64stream.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"\x92\x01\n\x07RunSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x15\n\rtest_fraction\x18\x04 \x01(\x01\x12\x16\n\x0enum_partitions\x18\x05 \x01(\r\x12\x11\n\tpartition\x18\x06 \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\x07 \x01(\x01\":\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"v\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x15.fedstream.v1.RunSpec\x12\x17\n\x0fpartition_index\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xa2\x01\n\x0bRoundConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\"p\n\nRoundStart\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.RoundConfig\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.fedstream.v1.Manifest\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"1\n\x0bTransferEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\"\x18\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc0\x01\n\rServerMessage\x12/\n\x0bround_start\x18\x01 \x01(\x0b\x32\x18.fedstream.v1.RoundStartH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x12&\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x14.fedstream.v1.FinishH\x00\x42\x06\n\x04kind\"}\n\x0bTrainReport\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x1c\n\x14train_started_unix_s\x18\x03 \x01(\x01\x12\x1d\n\x15train_finished_unix_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x9b\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\x08manifest\x18\x04 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12)\n\x06report\x18\x05 \x01(\x0b\x32\x19.fedstream.v1.TrainReport\"\x95\x01\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x42\x06\n\x04kind\"\x1c\n\x0bUpdateReply\x12\r\n\x05round\x18\x01 \x01(\x04\x32\xda\x01\n\nFederation\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12H\n\x0bWatchRounds\x12\x1a.fedstream.v1.WatchRequest\x1a\x1b.fedstream.v1.ServerMessage0\x01\x12\x46\n\nPushUpdate\x12\x1b.fedstream.v1.UpdateMessage\x1a\x19.fedstream.v1.UpdateReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedstream/common/pb/fedstream.proto\x12\x0c\x66\x65\x64stream.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"\x92\x01\n\x07RunSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x15\n\rtest_fraction\x18\x04 \x01(\x01\x12\x16\n\x0enum_partitions\x18\x05 \x01(\r\x12\x11\n\tpartition\x18\x06 \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\x07 \x01(\x01\"l\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1c\n\x0fpartition_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_partition_index\"v\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x15.fedstream.v1.RunSpec\x12\x17\n\x0fpartition_index\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xa2\x01\n\x0bRoundConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\"p\n\nRoundStart\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.RoundConfig\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.fedstream.v1.Manifest\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"1\n\x0bTransferEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\"\x18\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc0\x01\n\rServerMessage\x12/\n\x0bround_start\x18\x01 \x01(\x0b\x32\x18.fedstream.v1.RoundStartH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x12&\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x14.fedstream.v1.FinishH\x00\x42\x06\n\x04kind\"}\n\x0bTrainReport\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x1c\n\x14train_started_unix_s\x18\x03 \x01(\x01\x12\x1d\n\x15train_finished_unix_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x9b\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\x08manifest\x18\x04 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12)\n\x06report\x18\x05 \x01(\x0b\x32\x19.fedstream.v1.TrainReport\"\x95\x01\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x42\x06\n\x04kind\"\x1c\n\x0bUpdateReply\x12\r\n\x05round\x18\x01 \x01(\x04\x32\xda\x01\n\nFederation\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12H\n\x0bWatchRounds\x12\x1a.fedstream.v1.WatchRequest\x1a\x1b.fedstream.v1.ServerMessage0\x01\x12\x46\n\nPushUpdate\x12\x1b.fedstream.v1.UpdateMessage\x1a\x19.fedstream.v1.UpdateReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSPEC']._serialized_start=188
   _globals['_RUNSPEC']._serialized_end=334
   _globals['_JOINREQUEST']._serialized_start=336
-  _globals['_JOINREQUEST']._serialized_end=394
-  _globals['_JOINREPLY']._serialized_start=396
-  _globals['_JOINREPLY']._serialized_end=514
-  _globals['_WATCHREQUEST']._serialized_start=516
-  _globals['_WATCHREQUEST']._serialized_end=549
-  _globals['_ROUNDCONFIG']._serialized_start=552
-  _globals['_ROUNDCONFIG']._serialized_end=714
-  _globals['_ROUNDSTART']._serialized_start=716
-  _globals['_ROUNDSTART']._serialized_end=828
-  _globals['_CHUNK']._serialized_start=830
-  _globals['_CHUNK']._serialized_end=851
-  _globals['_TRANSFEREND']._serialized_start=853
-  _globals['_TRANSFEREND']._serialized_end=902
-  _globals['_FINISH']._serialized_start=904
-  _globals['_FINISH']._serialized_end=928
-  _globals['_SERVERMESSAGE']._serialized_start=931
-  _globals['_SERVERMESSAGE']._serialized_end=1123
-  _globals['_TRAINREPORT']._serialized_start=1125
-  _globals['_TRAINREPORT']._serialized_end=1250
-  _globals['_UPDATEHEADER']._serialized_start=1253
-  _globals['_UPDATEHEADER']._serialized_end=1408
-  _globals['_UPDATEMESSAGE']._serialized_start=1411
-  _globals['_UPDATEMESSAGE']._serialized_end=1560
-  _globals['_UPDATEREPLY']._serialized_start=1562
-  _globals['_UPDATEREPLY']._serialized_end=1590
-  _globals['_FEDERATION']._serialized_start=1593
-  _globals['_FEDERATION']._serialized_end=1811
+  _globals['_JOINREQUEST']._serialized_end=444
+  _globals['_JOINREPLY']._serialized_start=446
+  _globals['_JOINREPLY']._serialized_end=564
+  _globals['_WATCHREQUEST']._serialized_start=566
+  _globals['_WATCHREQUEST']._serialized_end=599
+  _globals['_ROUNDCONFIG']._serialized_start=602
+  _globals['_ROUNDCONFIG']._serialized_end=764
+  _globals['_ROUNDSTART']._serialized_start=766
+  _globals['_ROUNDSTART']._serialized_end=878
+  _globals['_CHUNK']._serialized_start=880
+  _globals['_CHUNK']._serialized_end=901
+  _globals['_TRANSFEREND']._serialized_start=903
+  _globals['_TRANSFEREND']._serialized_end=952
+  _globals['_FINISH']._serialized_start=954
+  _globals['_FINISH']._serialized_end=978
+  _globals['_SERVERMESSAGE']._serialized_start=981
+  _globals['_SERVERMESSAGE']._serialized_end=1173
+  _globals['_TRAINREPORT']._serialized_start=1175
+  _globals['_TRAINREPORT']._serialized_end=1300
+  _globals['_UPDATEHEADER']._serialized_start=1303
+  _globals['_UPDATEHEADER']._serialized_end=1458
+  _globals['_UPDATEMESSAGE']._serialized_start=1461
+  _globals['_UPDATEMESSAGE']._serialized_end=1610
+  _globals['_UPDATEREPLY']._serialized_start=1612
+  _globals['_UPDATEREPLY']._serialized_end=1640
+  _globals['_FEDERATION']._serialized_start=1643
+  _globals['_FEDERATION']._serialized_end=1861
 # @@protoc_insertion_point(module_scope)

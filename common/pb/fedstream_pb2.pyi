@@ -43,12 +43,14 @@ class RunSpec(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., seed: _Optional[int] = ..., test_fraction: _Optional[float] = ..., num_partitions: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id", "protocol_version")
+    __slots__ = ("client_id", "protocol_version", "partition_index")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_INDEX_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     protocol_version: int
-    def __init__(self, client_id: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    partition_index: int
+    def __init__(self, client_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., partition_index: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "run", "partition_index", "max_message_bytes")
