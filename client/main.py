@@ -17,7 +17,7 @@ from fedstream.client.device import configure_threads, select_device
 from fedstream.client.settings import ENV_PREFIX, ClientSettings
 from fedstream.client.trainer import LocalTrainer, LocalUpdate
 from fedstream.common.config import add_flags, parse_into
-from fedstream.common.errors import ConfigError, TransferError
+from fedstream.common.errors import ConfigError, ManifestError, TransferError
 from fedstream.common.logs import setup_logging
 
 log = logging.getLogger("fedstream.client")
@@ -107,7 +107,7 @@ async def run_client(settings: ClientSettings) -> int:
                     )
                     await _upload(connection, update, settings, task.round)
                 log.warning("round stream ended without Finish; reconnecting")
-            except TransferError as error:
+            except (TransferError, ManifestError) as error:
                 log.warning("model download failed (%s); reconnecting", error)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and trainer is None:

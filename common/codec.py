@@ -24,6 +24,9 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
 
 ALIGNMENT = 8
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: far below gRPC's 4 MiB message limit
+# No single tensor may claim more than this: a peer's manifest is checked before anything
+# is allocated for it (1 TiB, far beyond any model one process can hold).
+MAX_TENSOR_BYTES = 1 << 40
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -59,6 +62,11 @@ class TensorSpec:
             raise ManifestError(f"tensor {self.name!r}: dtype {self.dtype!r} is not allowed")
         if any(dim < 0 for dim in self.shape):
             raise ManifestError(f"tensor {self.name!r}: negative dimension in {self.shape}")
+        if self.nbytes > MAX_TENSOR_BYTES:
+            raise ManifestError(
+                f"tensor {self.name!r}: shape {self.shape} needs {self.nbytes} bytes, more "
+                f"than the {MAX_TENSOR_BYTES} a tensor may have"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

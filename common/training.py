@@ -51,6 +51,10 @@ def train_local(
     model.to(device).train()
     optimizer = make_optimizer(model, config)
     loss_fn = nn.CrossEntropyLoss()
+    # Dropout and friends draw from the global RNG: seeding it per call makes a round's
+    # training a pure function of (global weights, client, round), so a round repeated
+    # after a server restart trains exactly as it did the first time.
+    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     total_loss = torch.zeros((), device=device)
     steps = 0

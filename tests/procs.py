@@ -7,6 +7,7 @@ written to a log file, and tests wait for a log line, never for a fixed time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -138,3 +139,24 @@ class Cluster:
     def close(self) -> None:
         for proc in self.procs:
             proc.kill()
+
+
+LISTENING = r"listening on .*:(\d+)"
+
+
+def start_fl_server(
+    cluster: Cluster, out: Path, *flags: str, port: int | None = None, name: str = "server"
+) -> tuple[Proc, int]:
+    """Start fl-server on loopback and return once it listens."""
+    port = port or free_port()
+    server = cluster.start(
+        name,
+        server_argv("--host", "127.0.0.1", "--port", str(port), "--out", str(out), *flags),
+    )
+    server.wait_for(LISTENING, timeout=120)
+    return server, port
+
+
+def read_metrics(out: Path) -> list[dict[str, object]]:
+    with (out / "metrics.jsonl").open() as handle:
+        return [json.loads(line) for line in handle]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,27 +14,10 @@ from fedstream.common.models import build_model
 from fedstream.common.training import evaluate
 from fedstream.server.checkpoint import load_checkpoint
 
-from tests.procs import Cluster, client_argv, free_port, server_argv
+from tests.procs import Cluster, client_argv, free_port, read_metrics, server_argv
+from tests.procs import start_fl_server as start_server
 
 pytestmark = pytest.mark.e2e
-
-LISTENING = r"listening on .*:(\d+)"
-
-
-def start_server(cluster: Cluster, out: Path, *flags: str) -> tuple[object, int]:
-    port = free_port()
-    server = cluster.start(
-        "server",
-        server_argv("--host", "127.0.0.1", "--port", str(port), "--out", str(out), *flags),
-    )
-    server.wait_for(LISTENING, timeout=120)
-    return server, port
-
-
-def metrics(out: Path) -> list[dict]:
-    with (out / "metrics.jsonl").open() as handle:
-        return [json.loads(line) for line in handle]
-
 
 def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tmp_path: Path):
     out = tmp_path / "run"
@@ -56,7 +38,7 @@ def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tm
         assert client.wait(timeout=60) == 0, client.output()
         assert "server finished the run" in client.output()
 
-    history = metrics(out)
+    history = read_metrics(out)
     assert [r["round"] for r in history] == [1, 2, 3, 4]
     assert all(r["succeeded"] == 3 for r in history)
     assert history[-1]["accuracy"] > 0.90, history[-1]
@@ -115,7 +97,7 @@ def test_round_completes_when_a_client_is_killed_mid_round(cluster: Cluster, tmp
     assert server.wait(timeout=240) == 0, server.output()
     for client in steady:
         assert client.wait(timeout=60) == 0, client.output()
-    history = metrics(out)
+    history = read_metrics(out)
     assert [r["round"] for r in history] == [1, 2, 3]
     # Whether round 1 had selected the victim or not, it never reported and the
     # federation carried on with the two survivors.
@@ -155,7 +137,7 @@ def test_client_started_before_server_waits_and_joins(cluster: Cluster, tmp_path
     )
     assert server.wait(timeout=180) == 0, server.output()
     assert client.wait(timeout=60) == 0, client.output()
-    assert metrics(tmp_path / "run")[0]["clients"][0]["client_id"] == "early"
+    assert read_metrics(tmp_path / "run")[0]["clients"][0]["client_id"] == "early"
 
 
 def test_missing_gpu_is_a_clear_error_at_start() -> None:
@@ -192,4 +174,4 @@ def test_local_launcher_runs_a_federation_and_prefixes_output(tmp_path: Path) ->
     assert "[server]" in result.stdout and "[client-1]" in result.stdout
     assert "round 2/2" in result.stdout
     assert "final accuracy" in result.stdout
-    assert len(metrics(out)) == 2
+    assert len(read_metrics(out)) == 2

@@ -396,12 +396,6 @@ def test_tensor_spec_refuses_negative_dimensions() -> None:
         TensorSpec("w", "float32", (2, -1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec's docstring says a shape is 'checked against a size limit', but TensorSpec "
-    "checks none: (2**40, 2**40) is accepted, and PayloadAssembler then fails with a TypeError "
-    "from torch.empty instead of a ManifestError",
-)
 def test_tensor_spec_refuses_a_shape_beyond_any_size_limit() -> None:
     # 2**80 elements: more than an int64 can count, so no receiver could ever hold it.
     with pytest.raises(ManifestError):
