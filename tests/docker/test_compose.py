@@ -188,14 +188,23 @@ def test_health_check_command_parses(path: Path) -> None:
 
 
 def test_knobs_scale_clients_and_rounds() -> None:
-    knobs = {"FL_CLIENTS": "5", "FL_ROUNDS": "3", "FL_SERVER_ADDRESS": "10.231.0.9:6000"}
-    server = cf.environment(server_of(cf.CPU_FILE, knobs), knobs)
+    knobs = {
+        "FL_CLIENTS": "5",
+        "FL_ROUNDS": "3",
+        "FL_SERVER_ADDRESS": "10.231.0.9:6000",
+        "FL_PUBLISH": "0.0.0.0:6000",
+    }
+    server_service = server_of(cf.CPU_FILE, knobs)
+    server = cf.environment(server_service, knobs)
+    assert server_service["ports"] == ["0.0.0.0:6000:50051"]
     client = client_services(cf.CPU_FILE, knobs)["client"]
     assert int(client["deploy"]["replicas"]) == 5
     assert server["FL_SERVER_MIN_CLIENTS"] == "5" and server["FL_SERVER_ROUNDS"] == "3"
     assert cf.environment(client, knobs)["FL_CLIENT_SERVER"] == "10.231.0.9:6000"
-    # Without the knobs: a 2-client run, the smallest federation that means anything.
+    # Without the knobs: a 2-client run, the smallest federation that means anything,
+    # and a server port published on the host's loopback only (no TLS yet).
     assert int(client_services(cf.CPU_FILE)["client"]["deploy"]["replicas"]) == 2
+    assert server_of(cf.CPU_FILE)["ports"] == ["127.0.0.1:50051:50051"]
 
 
 # --- wiring between services ---------------------------------------------------------
@@ -332,6 +341,52 @@ def test_build_context_holds_what_the_image_copies(dockerfile: Path) -> None:
             assert (cf.REPO / source).exists(), source
             assert source.rstrip("/") in allowed, f"{source} is not sent to the builder"
     assert not allowed & {".venv", ".git", "runs", "data", "tests"}
+
+
+def test_build_context_makes_a_wheel_that_runs_every_command(tmp_path: Path) -> None:
+    """The images install a wheel built from the build context, not the editable install
+    the tests otherwise use: build it from exactly what .dockerignore lets through, install
+    it on its own and run each command the compose files run."""
+    context = tmp_path / "context"
+    for line in (cf.REPO / ".dockerignore").read_text().splitlines():
+        if line.startswith("!"):
+            source = cf.REPO / line[1:]
+            if source.is_dir():
+                shutil.copytree(source, context / line[1:], ignore=shutil.ignore_patterns(
+                    "__pycache__", "*.pyc"))
+            else:
+                context.mkdir(exist_ok=True)
+                shutil.copy2(source, context / line[1:])
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    # No build isolation: it would fetch setuptools from the network; the venv has it.
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheels"),
+         str(context)], capture_output=True, text=True, timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheels").glob("fedstream-*.whl")
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert installed.returncode == 0, installed.stderr
+    # The wheel's copy comes first on the path, ahead of the editable install.
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    commands = {cf.command(cf.services(p, NO_KNOBS)[name])[0] for p, name in all_services()}
+    commands |= {server_of(p)["healthcheck"]["test"][1] for p in cf.COMPOSE_FILES}
+    assert commands == {"fl-server", "fl-client", "fl-healthcheck"}
+    for script in sorted(commands):
+        ran = subprocess.run(
+            [str(site / "bin" / script), "--help"], env=env, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert ran.returncode == 0 and f"usage: {script}" in ran.stdout, ran.stderr
+    where = subprocess.run(
+        [sys.executable, "-c", "import fedstream.server.healthcheck as m; print(m.__file__)"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site), where
 
 
 @pytest.mark.parametrize("path", cf.COMPOSE_FILES, ids=service_id)
