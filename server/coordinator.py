@@ -330,7 +330,7 @@ class Coordinator:
                     report.device,
                 )
             )
-        log.info(
+        log.debug(
             "round %d: client %s uploaded (%d examples, loss %.4f)",
             ticket.round,
             ticket.client_id,
@@ -393,7 +393,7 @@ class Coordinator:
         )
         for client_id in sorted(selected):
             self.sessions[client_id].inbox.put_nowait(task)
-        log.info("round %d: started with %d clients", number, len(selected))
+        log.debug("round %d: started with %d clients", number, len(selected))
         try:
             async with asyncio.timeout_at(state.deadline):
                 await state.settled.wait()

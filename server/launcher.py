@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="server port (0 = a free port)")
     parser.add_argument("--out", default="runs/latest", help="checkpoint and metrics folder")
     parser.add_argument("--cpu", action="store_true", help="ignore GPUs even if present")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --out"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show every client's log, not only warnings"
+    )
     parser.add_argument("server_args", nargs=argparse.REMAINDER, help="extra fl-server flags")
     return parser
 
@@ -116,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.executable, "-m", "fedstream.server",
         "--host", "127.0.0.1", "--port", str(port),
         "--rounds", str(args.rounds), "--min-clients", str(args.clients),
-        "--out", args.out, *extra,
+        "--out", args.out, "--resume" if args.resume else "--no-resume", *extra,
     ]  # fmt: skip
     gpus = 0 if args.cpu else _gpu_count()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -136,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.executable, "-m", "fedstream.client",
                 "--server", f"127.0.0.1:{port}", "--client-id", f"client-{i}",
                 "--partition-index", str(i), *device_flags,
+                "--log-level", "INFO" if args.verbose else "WARNING",
             ]  # fmt: skip
             children.append(_spawn(f"client-{i}", client_argv, lock, env))
         server_code = children[0].process.wait()

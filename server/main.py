@@ -243,6 +243,11 @@ async def serve(settings: ServerSettings) -> int:
         settings.dataset,
     )
 
+    if first_round > settings.rounds:
+        log.info(
+            "run already complete: %s holds round %d of %d (use --no-resume or another --out "
+            "to train again)", settings.out, first_round - 1, settings.rounds
+        )
     loop = asyncio.get_running_loop()
     runner = asyncio.current_task()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -66,8 +66,9 @@ def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tm
 def test_round_completes_when_a_client_is_killed_mid_round(cluster: Cluster, tmp_path: Path):
     out = tmp_path / "run"
     server, port = start_server(
-        cluster, out, "--rounds", "3", "--min-clients", "2", "--round-timeout", "120"
-    )
+        cluster, out, "--rounds", "3", "--min-clients", "2", "--round-timeout", "120",
+        "--log-level", "DEBUG",  # per-upload lines
+    )  # fmt: skip
     address = f"127.0.0.1:{port}"
     steady = [
         cluster.start(

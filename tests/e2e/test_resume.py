@@ -24,7 +24,8 @@ ROUNDS = 4
 
 def run_federation(cluster: Cluster, out: Path, kill_at: str | None, tag: str) -> list[object]:
     """Two clients, ROUNDS rounds; SIGKILL the server at the line ``kill_at`` and restart it."""
-    flags = ("--rounds", str(ROUNDS), "--min-clients", "2", "--round-timeout", "60")
+    flags = ("--rounds", str(ROUNDS), "--min-clients", "2", "--round-timeout", "60",
+             "--log-level", "DEBUG")  # fmt: skip
     server, port = start_fl_server(cluster, out, *flags, name=f"server{tag}")
     clients = [
         cluster.start(

@@ -1,0 +1,37 @@
+"""The README documents every flag the commands accept (it is the first thing users read)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from fedstream.client.main import build_parser as client_parser
+from fedstream.server.launcher import build_parser as launcher_parser
+from fedstream.server.main import build_parser as server_parser
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [
+        option
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    ]
+
+
+@pytest.mark.parametrize(
+    "parser",
+    [server_parser(), client_parser(), launcher_parser()],
+    ids=["server", "client", "local"],
+)
+def test_every_flag_is_in_the_readme(parser: argparse.ArgumentParser) -> None:
+    missing = [flag for flag in _flags(parser) if f"`{flag}" not in README]
+    assert not missing, f"README lacks {missing}"
+
+
+def test_readme_names_the_two_commands() -> None:
+    assert "make run" in README and "make test" in README
