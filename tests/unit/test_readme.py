@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-
 from fedstream.client.main import build_parser as client_parser
 from fedstream.server.launcher import build_parser as launcher_parser
 from fedstream.server.main import build_parser as server_parser
