@@ -264,4 +264,3 @@ async def _sleep_until(due: float) -> None:
     remaining = due - time.monotonic()
     if remaining > 0:
         await asyncio.sleep(remaining)
-

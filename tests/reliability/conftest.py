@@ -1,0 +1,8 @@
+"""Fixtures of the reliability tests: the in-process server harness of the integration
+tests, shared rather than copied, so fuzzing drives exactly the server they test."""
+
+from __future__ import annotations
+
+from tests.integration.conftest import make_harness
+
+__all__ = ["make_harness"]
