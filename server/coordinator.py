@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +201,10 @@ class Coordinator:
             if partition_hint is not None and partition_hint < self.config.run.num_partitions:
                 index = partition_hint
             else:
-                index = len(self.sessions) % self.config.run.num_partitions
+                # The least-used shard, lowest first: shards stay disjoint while there are
+                # enough of them, even when some clients chose theirs.
+                used = Counter(s.partition_index for s in self.sessions.values())
+                index = min(range(self.config.run.num_partitions), key=lambda i: (used[i], i))
             session = ClientSession(client_id, index)
             self.sessions[client_id] = session
             log.info("client %s joined (partition %d)", client_id, index)

@@ -176,3 +176,32 @@ def test_local_launcher_runs_a_federation_and_prefixes_output(tmp_path: Path) ->
     assert "round 2/2" in result.stdout
     assert "final accuracy" in result.stdout
     assert len(read_metrics(out)) == 2
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_ctrl_c_stops_the_whole_local_federation(cluster: Cluster, tmp_path: Path) -> None:
+    launcher = cluster.start(
+        "fl-local",
+        [sys.executable, "-m", "fedstream.server.launcher", "--clients", "2", "--rounds", "500",
+         "--out", str(tmp_path / "run")],
+    )  # fmt: skip
+    launcher.wait_for(r"round 1/500", timeout=180)
+    children = _children_of(launcher.process.pid)
+    assert len(children) == 3  # the server and two clients
+    launcher.process.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the launcher
+    assert launcher.wait(timeout=60) == 130
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status"
+        ).read_text(), f"process {pid} survived Ctrl-C"

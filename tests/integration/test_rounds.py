@@ -336,3 +336,47 @@ async def test_health_service_reports_serving(make_harness) -> None:
         health_pb2.HealthCheckRequest(service="fedstream.v1.Federation")
     )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_joins_beyond_max_clients_get_resource_exhausted(make_harness) -> None:
+    harness: Harness = await make_harness(max_clients=2)
+    await connect(harness, "a", "b")
+    late = FakeClient(harness.stub(), "c")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await late.join()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A known client rejoining (after a reconnect) is not a new client.
+    again = await FakeClient(harness.stub(), "a").join()
+    assert again.client_id == "a"
+
+
+async def test_second_concurrent_upload_from_one_client_is_refused(make_harness) -> None:
+    harness: Harness = await make_harness(min_clients=2)
+    clients = await connect(harness, "a", "b")
+    run = asyncio.create_task(harness.coordinator.run())
+    for client in clients:
+        await client.receive_round()
+    messages = upload_messages("a", 1, delta_like(tiny_state(), 1.0))
+    first_open = asyncio.Event()
+
+    async def slow_first() -> object:
+        yield messages[0]
+        first_open.set()
+        await asyncio.Event().wait()
+
+    first = clients[0].stub.PushUpdate(slow_first())
+    await first_open.wait()
+    await wait_until(lambda: "a" in harness.coordinator._uploading)
+    await expect_refused(clients[0], messages, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    first.cancel()
+    run.cancel()
+
+
+async def test_rejoin_keeps_the_partition_the_client_trains_on(make_harness) -> None:
+    harness: Harness = await make_harness()
+    client = FakeClient(harness.stub(), "z")
+    request = pb.JoinRequest(client_id="z", protocol_version=1, partition_index=1)
+    reply = await client.stub.Join(request)
+    assert reply.partition_index == 1
+    fresh = await FakeClient(harness.stub(), "y").join()
+    assert fresh.partition_index == 0  # the shard nobody has taken yet
