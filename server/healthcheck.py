@@ -9,7 +9,9 @@ engines, so it is never used.
 
 The probe runs inside the server's own container with the server's environment, so it
 reads the address from ``FL_SERVER_PORT`` and ``FL_SERVER_HOST`` when no flag is given:
-changing the server's port in one place keeps the probe pointing at it.
+changing the server's port in one place keeps the probe pointing at it. A server that
+serves TLS is probed over TLS with ``--tls-ca`` (and, for mutual TLS, a client certificate
+of the probe's own); the probe never skips verification.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 from fedstream.server.settings import ENV_PREFIX, ServerSettings
@@ -54,13 +57,30 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=3.0, help="seconds to wait for an answer (default: 3)"
     )
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA bundle: probe over TLS")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", help="name to expect in the server certificate")
     return parser
 
 
-def check(host: str, port: int, service: str, timeout_s: float) -> tuple[int, str]:
+def open_channel(target: str, args: argparse.Namespace) -> grpc.Channel:
+    if args.tls_ca is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.tls_ca.read_bytes(),
+        private_key=None if args.tls_key is None else args.tls_key.read_bytes(),
+        certificate_chain=None if args.tls_cert is None else args.tls_cert.read_bytes(),
+    )
+    options = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def check(channel: grpc.Channel, target: str, service: str, timeout_s: float) -> tuple[int, str]:
     """(exit status, one line saying why) for one Check call."""
-    target = f"{host}:{port}"
-    with grpc.insecure_channel(target) as channel:
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -79,10 +99,16 @@ def check(host: str, port: int, service: str, timeout_s: float) -> tuple[int, st
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(os.environ).parse_args(argv)
-    except ValueError as error:  # FL_SERVER_PORT that is not a number
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        target = f"{args.host}:{args.port}"
+        channel = open_channel(target, args)
+    except (ValueError, OSError) as error:  # a non-numeric FL_SERVER_PORT, an unreadable PEM
         print(f"fl-healthcheck: {error}", file=sys.stderr)
         return UNHEALTHY
-    code, reason = check(args.host, args.port, args.service, args.timeout)
+    code, reason = check(channel, target, args.service, args.timeout)
+    if code != HEALTHY and args.tls_ca is None and os.environ.get(f"{ENV_PREFIX}TLS_CERT"):
+        reason += f" (the server serves TLS: {ENV_PREFIX}TLS_CERT is set; pass --tls-ca)"
     print(reason, file=sys.stdout if code == HEALTHY else sys.stderr)
     return code
 

@@ -37,6 +37,7 @@ from fedstream.server.settings import ServerSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
+from tests.certs import CertificateAuthority
 from tests.docker import composefile as cf
 from tests.procs import Cluster, free_port
 
@@ -470,3 +471,38 @@ async def test_health_check_fails_while_the_server_is_not_serving() -> None:
         assert code == 0 and "SERVING" in output, output
     finally:
         await server.stop(None)
+
+
+@pytest.mark.e2e
+def test_health_check_probes_a_tls_server_over_tls(cluster: Cluster, tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path / "pki")
+    pair = ca.issue("localhost", server=True)
+    server_service = server_of(cf.CPU_FILE)
+    port = free_port()
+    folders = {"/runs": tmp_path / "runs", "/data": tmp_path / "data"}
+    env = cf.on_host(cf.environment(server_service, NO_KNOBS), folders)
+    # What a user adds to the server's environment to serve TLS.
+    env |= {
+        "FL_SERVER_PORT": str(port),
+        "FL_SERVER_HOST": "127.0.0.1",
+        "FL_SERVER_TLS_CERT": str(pair.cert),
+        "FL_SERVER_TLS_KEY": str(pair.key),
+    }
+    env = with_venv_path(env)
+    server = cluster.start("server", cf.command(server_service), env=env)
+    server.wait_for(rf"listening on 127\.0\.0\.1:{port}", timeout=120)
+    probe = server_service["healthcheck"]["test"][1:]
+
+    def run_probe(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*probe, *extra], env={**os.environ, **env}, capture_output=True, text=True,
+            timeout=30,
+        )
+
+    plain = run_probe()
+    assert plain.returncode == 1 and "pass --tls-ca" in plain.stderr, plain
+    verified = run_probe("--tls-ca", str(ca.bundle), "--host", "localhost")
+    assert verified.returncode == 0 and "SERVING" in verified.stdout, verified
+    stranger = CertificateAuthority(tmp_path / "other-pki", name="another CA")
+    refused = run_probe("--tls-ca", str(stranger.bundle), "--host", "localhost")
+    assert refused.returncode == 1, refused
