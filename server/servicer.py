@@ -111,7 +111,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         finally:
             if why == "disconnected":
                 self.coordinator.detach(session, "disconnected from the round stream")
-            log.info("client %s: round stream closed (%s)", session.client_id, why)
+            level = logging.DEBUG if why == "run complete" else logging.INFO
+            log.log(level, "client %s: round stream closed (%s)", session.client_id, why)
 
     async def _send_round(self, task: RoundTask) -> AsyncIterator[pb.ServerMessage]:
         if not self.coordinator.is_open(task.round):
