@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fedstream.client.main import build_parser as client_parser
+from fedstream.server.healthcheck import build_parser as healthcheck_parser
 from fedstream.server.launcher import build_parser as launcher_parser
 from fedstream.server.main import build_parser as server_parser
 
