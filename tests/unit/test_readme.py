@@ -25,8 +25,8 @@ def _flags(parser: argparse.ArgumentParser) -> list[str]:
 
 @pytest.mark.parametrize(
     "parser",
-    [server_parser(), client_parser(), launcher_parser()],
-    ids=["server", "client", "local"],
+    [server_parser(), client_parser(), launcher_parser(), healthcheck_parser({})],
+    ids=["server", "client", "local", "healthcheck"],
 )
 def test_every_flag_is_in_the_readme(parser: argparse.ArgumentParser) -> None:
     missing = [flag for flag in _flags(parser) if f"`{flag}" not in README]
