@@ -205,6 +205,14 @@ class Coordinator:
                 # enough of them, even when some clients chose theirs.
                 used = Counter(s.partition_index for s in self.sessions.values())
                 index = min(range(self.config.run.num_partitions), key=lambda i: (used[i], i))
+                if used[index]:
+                    log.warning(
+                        "client %s shares data shard %d: more clients than the %d shards "
+                        "(--num-partitions)",
+                        client_id,
+                        index,
+                        self.config.run.num_partitions,
+                    )
             session = ClientSession(client_id, index)
             self.sessions[client_id] = session
             log.info("client %s joined (partition %d)", client_id, index)
