@@ -221,10 +221,25 @@ def decode(payload: bytes | bytearray | memoryview, manifest: Manifest) -> dict[
     return views(buffer, manifest)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no +/-Inf (always true for integer tensors).
+
+    The minimum and the maximum are both finite exactly when every element is: NaN
+    propagates into both, +Inf into the maximum, -Inf into the minimum. ``aminmax`` reads
+    the tensor once and allocates nothing, where ``isfinite(t).all()`` writes full-size
+    temporaries first; on a 400 MB model that made the check most of a download's time
+    (benchmarks B1 and B3, see benchmarks/README.md).
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def non_finite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
     """Name of the first floating-point tensor holding NaN or Inf, if any."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             return name
     return None
 
