@@ -384,12 +384,15 @@ class Coordinator:
         started = time.perf_counter()
         # The model is serialised once per round: one checksum, shared by every download.
         self.payload_crc = await asyncio.to_thread(self.payload_checksum)
+        # Zeroing the sum writes a model's worth of memory (seconds for a large model):
+        # done off the event loop, which meanwhile keeps serving RPCs.
+        accumulator = await asyncio.to_thread(DeltaAccumulator, self.manifest)
         selected = self._select(number)
         state = RoundState(
             number=number,
             selected=selected,
             deadline=loop.time() + self.config.round_timeout_s,
-            accumulator=DeltaAccumulator(self.manifest),
+            accumulator=accumulator,
         )
         self.current = state
         state.move_to(RoundPhase.COLLECTING)
