@@ -92,7 +92,17 @@ class Run:
         s = self.settings
         self.data = load_dataset(s.dataset, s.data_dir, s.download, s.seed, s.test_fraction)
         self.model = build_model(s.model, self.data.input_shape, self.data.num_classes, s.seed)
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # The global state is the model's own tensors, not a copy: a second copy was a
+        # whole extra model of server memory (benchmarks B4/B5). Evaluation loads the
+        # state into the same tensors, a no-op. A tensor aliasing an earlier one (tied
+        # weights) is copied, so that every name is updated once per round.
+        state: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in self.model.state_dict().items():
+            pointer = tensor.untyped_storage().data_ptr()
+            state[name] = tensor.detach().clone() if pointer in seen else tensor.detach()
+            seen.add(pointer)
+        return state
 
     def resume_point(self, state: dict[str, torch.Tensor]) -> int:
         """The first round to run: 1, or the round after the checkpoint in --out.
