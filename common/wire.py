@@ -7,10 +7,16 @@ ManifestError, which the transport maps to INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
 from fedstream.common import messages as m
 from fedstream.common.codec import Manifest, TensorSpec
 from fedstream.common.errors import ManifestError
 from fedstream.common.pb import fedstream_pb2 as pb
+
+T = TypeVar("T")
+D = TypeVar("D")
 
 MAX_TENSORS = 100_000
 MAX_DIMS = 16
@@ -42,97 +48,60 @@ def manifest_from_pb(message: pb.Manifest) -> Manifest:
     return manifest
 
 
+def _fields_to_pb(value: Any, message_type: type[T]) -> T:
+    """A protobuf message with the same-named fields as the flat dataclass ``value``."""
+    return message_type(**dataclasses.asdict(value))
+
+
+def _fields_from_pb(message: Any, value_type: type[D]) -> D:
+    """A flat dataclass built from the same-named fields of a protobuf message."""
+    return value_type(**{f.name: getattr(message, f.name) for f in dataclasses.fields(value_type)})  # type: ignore[arg-type]
+
+
 def run_spec_to_pb(spec: m.RunSpec) -> pb.RunSpec:
-    return pb.RunSpec(
-        model=spec.model,
-        dataset=spec.dataset,
-        seed=spec.seed,
-        test_fraction=spec.test_fraction,
-        num_partitions=spec.num_partitions,
-        partition=spec.partition,
-        dirichlet_alpha=spec.dirichlet_alpha,
-    )
+    return _fields_to_pb(spec, pb.RunSpec)
 
 
 def run_spec_from_pb(message: pb.RunSpec) -> m.RunSpec:
-    return m.RunSpec(
-        model=message.model,
-        dataset=message.dataset,
-        seed=message.seed,
-        test_fraction=message.test_fraction,
-        num_partitions=message.num_partitions,
-        partition=message.partition,
-        dirichlet_alpha=message.dirichlet_alpha,
-    )
+    return _fields_from_pb(message, m.RunSpec)
 
 
 def round_start_to_pb(task: m.RoundTask) -> pb.ServerMessage:
-    c = task.config
     return pb.ServerMessage(
         round_start=pb.RoundStart(
             round=task.round,
-            config=pb.RoundConfig(
-                local_epochs=c.local_epochs,
-                batch_size=c.batch_size,
-                learning_rate=c.learning_rate,
-                optimizer=c.optimizer,
-                momentum=c.momentum,
-                weight_decay=c.weight_decay,
-                deadline_unix_s=c.deadline_unix_s,
-            ),
+            config=_fields_to_pb(task.config, pb.RoundConfig),
             manifest=manifest_to_pb(task.manifest),
         )
     )
 
 
 def round_start_from_pb(message: pb.RoundStart) -> m.RoundTask:
-    c = message.config
     return m.RoundTask(
         round=message.round,
-        config=m.TrainConfig(
-            local_epochs=c.local_epochs,
-            batch_size=c.batch_size,
-            learning_rate=c.learning_rate,
-            optimizer=c.optimizer,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            deadline_unix_s=c.deadline_unix_s,
-        ),
+        config=_fields_from_pb(message.config, m.TrainConfig),
         manifest=manifest_from_pb(message.manifest),
     )
 
 
 def update_header_to_pb(header: m.UpdateHeader) -> pb.UpdateMessage:
-    r = header.report
     return pb.UpdateMessage(
         header=pb.UpdateHeader(
             client_id=header.client_id,
             round=header.round,
             num_examples=header.num_examples,
             manifest=manifest_to_pb(header.manifest),
-            report=pb.TrainReport(
-                train_loss=r.train_loss,
-                steps=r.steps,
-                train_started_unix_s=r.train_started_unix_s,
-                train_finished_unix_s=r.train_finished_unix_s,
-                device=r.device,
-            ),
+            report=_fields_to_pb(header.report, pb.TrainReport),
         )
     )
 
 
 def update_header_from_pb(message: pb.UpdateHeader) -> m.UpdateHeader:
-    r = message.report
+    report = _fields_from_pb(message.report, m.TrainReport)
     return m.UpdateHeader(
         client_id=message.client_id,
         round=message.round,
         num_examples=message.num_examples,
         manifest=manifest_from_pb(message.manifest),
-        report=m.TrainReport(
-            train_loss=r.train_loss,
-            steps=r.steps,
-            train_started_unix_s=r.train_started_unix_s,
-            train_finished_unix_s=r.train_finished_unix_s,
-            device=r.device[:64],
-        ),
+        report=dataclasses.replace(report, device=report.device[:64]),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,35 +16,36 @@ import torch
 from fedstream.server.checkpoint import load_checkpoint
 
 from tests.certs import CertificateAuthority
-from tests.procs import Cluster, client_argv, read_metrics, start_fl_server
+from tests.procs import Cluster, Proc, client_argv, read_metrics, start_fl_server
 
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 4
 
 
-def run_federation(cluster: Cluster, out: Path, kill_at: str | None, tag: str) -> list[object]:
-    """Two clients, ROUNDS rounds; SIGKILL the server at the line ``kill_at`` and restart it."""
+def run_federation(
+    cluster: Cluster,
+    out: Path,
+    kill_at: str | None,
+    tag: str = "",
+    server_flags: tuple[str, ...] = (),
+    client_flags: Callable[[int], tuple[str, ...]] = lambda i: (),
+    host: str = "127.0.0.1",
+) -> list[Proc]:
+    """Two clients, ROUNDS rounds; SIGKILL the server at the line ``kill_at`` and restart it.
+
+    Returns the server processes (the first, and the restarted one if there was a kill)
+    after checking that the last server and both clients exited 0.
+    """
     flags = ("--rounds", str(ROUNDS), "--min-clients", "2", "--round-timeout", "60",
-             "--log-level", "DEBUG")  # fmt: skip
+             "--log-level", "DEBUG", *server_flags)  # fmt: skip
     server, port = start_fl_server(cluster, out, *flags, name=f"server{tag}")
     clients = [
         cluster.start(
             f"client{tag}-{i}",
-            client_argv(
-                "--server",
-                f"127.0.0.1:{port}",
-                "--client-id",
-                f"c{i}",
-                "--partition-index",
-                str(i),
-                "--num-threads",
-                "1",
-                "--backoff-initial-s",
-                "0.2",
-                "--backoff-max-s",
-                "1",
-            ),
+            client_argv("--server", f"{host}:{port}", "--client-id", f"c{i}",
+                        "--partition-index", str(i), "--num-threads", "1",
+                        "--backoff-initial-s", "0.2", "--backoff-max-s", "1", *client_flags(i)),
         )  # fmt: skip
         for i in range(2)
     ]
@@ -57,6 +59,8 @@ def run_federation(cluster: Cluster, out: Path, kill_at: str | None, tag: str) -
     assert server.wait(timeout=240) == 0, server.output()
     for client in clients:
         assert client.wait(timeout=60) == 0, client.output()
+        if kill_at is not None:
+            assert "connection lost" in client.output()
     return procs
 
 
@@ -65,63 +69,25 @@ def test_resume_after_sigkill_with_tls_and_tokens(cluster: Cluster, tmp_path: Pa
     pair = ca.issue("localhost", server=True)
     tokens = tmp_path / "tokens"
     tokens.write_text("c0 token-zero\nc1 token-one\n")
-    token_files = []
     for i, secret in enumerate(("token-zero", "token-one")):
-        path = tmp_path / f"c{i}.token"
-        path.write_text(secret)
-        token_files.append(path)
+        (tmp_path / f"c{i}.token").write_text(secret)
     out = tmp_path / "run"
-    server_flags = ("--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
-                    "--token-file", str(tokens))  # fmt: skip
-    procs = run_with_tokens(cluster, out, server_flags, ("--tls-ca", str(ca.bundle)), token_files)
-    restarted = procs[-1]
-    restarted.wait_for(r"resuming after round 2", timeout=5)
+    procs = run_federation(
+        cluster,
+        out,
+        kill_at=rf"round 2/{ROUNDS}",
+        server_flags=("--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
+                      "--token-file", str(tokens)),
+        client_flags=lambda i: ("--tls-ca", str(ca.bundle),
+                                "--token-file", str(tmp_path / f"c{i}.token")),
+        host="localhost",
+    )  # fmt: skip
+    procs[-1].wait_for(r"resuming after round 2", timeout=5)
     history = read_metrics(out)
     assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))
     for record in history:
         ids = [c["client_id"] for c in record["clients"]]
         assert sorted(ids) == ["c0", "c1"], record
-
-
-def run_with_tokens(
-    cluster: Cluster,
-    out: Path,
-    server_flags: tuple[str, ...],
-    client_flags: tuple[str, ...],
-    token_files: list[Path],
-) -> list[object]:
-    flags = ("--rounds", str(ROUNDS), "--min-clients", "2", "--round-timeout", "60", *server_flags)
-    server, port = start_fl_server(cluster, out, *flags)
-    clients = [
-        cluster.start(
-            f"client-{i}",
-            client_argv(
-                "--server",
-                f"localhost:{port}",
-                "--client-id",
-                f"c{i}",
-                "--token-file",
-                str(token_files[i]),
-                "--num-threads",
-                "1",
-                "--backoff-initial-s",
-                "0.2",
-                "--backoff-max-s",
-                "1",
-                *client_flags,
-            ),
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    server.wait_for(rf"round 2/{ROUNDS}", timeout=180)
-    server.signal(signal.SIGKILL)
-    server.wait(timeout=30)
-    restarted, _ = start_fl_server(cluster, out, *flags, port=port, name="server-restarted")
-    assert restarted.wait(timeout=240) == 0, restarted.output()
-    for client in clients:
-        assert client.wait(timeout=60) == 0, client.output()
-        assert "connection lost" in client.output()
-    return [server, restarted]
 
 
 KILL_POINTS = [
