@@ -54,10 +54,13 @@ proto-check: $(STAMP)
 	done
 	rm -rf .proto-build
 
+## Benchmarks B1..B7 (benchmarks/README.md); results in benchmarks/results/<date>/.
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run
 
 bench-quick: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run --quick
 
 ## A docker-compose cluster (docker/): one fl-server and FL_CLIENTS (default 2) fl-client

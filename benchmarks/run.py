@@ -67,14 +67,14 @@ FULL = Plan(
 
 QUICK = Plan(
     transport_sizes=(4_000_000,),
-    transport_clients=(1, 2),
+    transport_clients=(2,),
     transport_rounds=1,
     chunk_bytes=1 << 20,
     fold_bytes=16_000_000,
     memory_model_bytes=8_000_000,
-    memory_clients=(2, 4),
+    memory_clients=(2, 3),
     big_model_bytes=24_000_000,
-    parallel_clients=(1, 2),
+    parallel_clients=(2,),
     parallel_steps=10,
     parallel_rounds=2,
     scale_model_bytes=400_000,
