@@ -69,6 +69,7 @@ class FaultProxy:
         self._flowing: asyncio.Event | None = None
         self._refusing = False
         self._cut_budget: int | None = None
+        self._final: Stats | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -87,6 +88,7 @@ class FaultProxy:
         if not self._thread.is_alive():
             return
         self._call(self._close())
+        self._final = self.stats()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -144,6 +146,9 @@ class FaultProxy:
         self._set(lambda: setattr(self, "_cut_budget", nbytes))
 
     def stats(self) -> Stats:
+        """Counters so far (after ``close``: the final ones)."""
+        if self._final is not None:
+            return Stats(**self._final.__dict__)
         return self._call(self._snapshot())
 
     # ---- internals -------------------------------------------------------------------

@@ -19,6 +19,10 @@ from fedstream.server.checkpoint import load_checkpoint
 
 from tests.procs import Cluster, Proc, client_argv
 
+# Per-round server lines ("round N: started with K clients", "client X uploaded") are
+# logged at DEBUG; the tests wait on them.
+SERVER_FLAGS = ("--log-level", "DEBUG", "--join-timeout", "60")
+
 # Reconnect quickly, and give up within a minute rather than wait out the 600 s default
 # when a test has already torn the server down.
 CLIENT_FLAGS = (
@@ -40,10 +44,11 @@ def start_client(
     client_id: str,
     *flags: str,
     prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """A real fl-client process; ``prefix`` wraps it (``ip netns exec NS``, for one)."""
     argv = [*prefix, *client_argv("--server", server, "--client-id", client_id, *CLIENT_FLAGS)]
-    return cluster.start(name, [*argv, *flags])
+    return cluster.start(name, [*argv, *flags], env)
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:

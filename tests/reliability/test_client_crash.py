@@ -24,6 +24,7 @@ import pytest
 from tests.e2e.test_federation import start_server
 from tests.procs import Cluster, Proc
 from tests.reliability.federation import (
+    SERVER_FLAGS,
     check_checkpoint_finite,
     check_history,
     sessions_created,
@@ -75,8 +76,7 @@ def test_random_client_kills_and_restarts_never_break_the_run(
         "20",
         "--round-retries",
         str(KILLS),
-        "--join-timeout",
-        "60",
+        *SERVER_FLAGS,
     )
     address = f"127.0.0.1:{port}"
     generation = dict.fromkeys(CLIENT_IDS, 0)

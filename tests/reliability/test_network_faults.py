@@ -1,0 +1,141 @@
+"""One client behind a fault-injecting proxy: cut, throttled and stalled connections.
+
+The other clients talk to the server directly, so every fault hits one client's link
+only, as when one site's network misbehaves. What must hold: a cut client reconnects
+with backoff and rejoins under its own id (one session per client, never two); a slow
+link still completes its rounds inside the deadline; a link that goes silent for
+longer than the round timeout makes that client a failure of the round, which then
+completes with the others. In every case the run ends and the server exits 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_federation import start_server
+from tests.faultproxy import FaultProxy
+from tests.procs import Cluster, Proc
+from tests.reliability.federation import (
+    SERVER_FLAGS,
+    check_checkpoint_finite,
+    check_history,
+    clients_of,
+    sessions_created,
+    start_client,
+)
+
+pytestmark = pytest.mark.e2e
+
+THREE_CLIENTS = r"round (\d+): started with 3 clients"
+
+
+def _federation(
+    cluster: Cluster, out: Path, rounds: int, round_timeout_s: int, *client_flags: str
+) -> tuple[Proc, int, FaultProxy, Proc]:
+    """Server, proxy and the proxied victim (joined first, so round 1 selects it), then
+    two direct clients."""
+    server, port = start_server(
+        cluster,
+        out,
+        "--rounds",
+        str(rounds),
+        "--min-clients",
+        "2",
+        "--round-timeout",
+        str(round_timeout_s),
+        *SERVER_FLAGS,
+    )
+    proxy = FaultProxy("127.0.0.1", port).start()
+    victim = start_client(cluster, "victim", proxy.address, "victim", *client_flags)
+    server.wait_for(r"client victim joined", timeout=120)
+    for i in range(2):
+        start_client(cluster, f"c{i}", f"127.0.0.1:{port}", f"c{i}", *client_flags)
+    return server, port, proxy, victim
+
+
+def test_cut_connections_reconnect_under_the_same_id(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rounds = 5
+    server, _, proxy, victim = _federation(cluster, out, rounds, 20)
+    try:
+        target = int(server.wait_for(THREE_CLIENTS, timeout=120)[1])
+        assert target + 2 <= rounds, server.output()
+
+        # Cut 1: while the victim trains, its round stream dies under it.
+        victim.wait_for(rf"round {target}: received global model", timeout=60)
+        assert proxy.cut() >= 1
+        victim.wait_for(r"connection lost \(\w+\); reconnecting", timeout=60)
+        after_cut = len(victim.lines)
+        rejoined = server.wait_for(r"client victim joined again", timeout=60)
+        server_mark = server.lines.index(rejoined.string) + 1
+
+        # Cut 2: armed as the next model arrives, it lands a third of the way into the
+        # upload that follows (the model is ~0.6 MB each way).
+        later = victim.wait_for(r"round (\d+): received global model", timeout=60, start=after_cut)
+        proxy.cut_after(200_000)
+        upload_round = int(later[1])
+        victim.wait_for(
+            r"upload failed \(\w+\), retrying|upload refused|connection lost|download failed",
+            timeout=60,
+            start=after_cut,
+        )
+        server.wait_for(r"client victim joined again", timeout=60, start=server_mark)
+
+        assert server.wait(timeout=120) == 0, server.output()
+    finally:
+        proxy.close()
+    history = check_history(out, rounds, min_clients=2)
+    check_checkpoint_finite(out, rounds)
+    # Reconnecting is joining again, never a second session for the same client.
+    assert sorted(sessions_created(server)) == ["c0", "c1", "victim"]
+    assert proxy.stats().accepted >= 3  # the first connection and one per cut
+    # After its last reconnect the victim takes part again and is counted.
+    assert any("victim" in clients_of(r) for r in history[upload_round:]), history
+
+
+def test_throttled_link_still_completes_rounds_in_time(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rounds = 1
+    rate = 200_000  # bytes/s: ~3 s each way for the ~0.6 MB digits model
+    server, _, proxy, _ = _federation(cluster, out, rounds, 30)
+    try:
+        proxy.throttle(rate)
+        model_mb = float(server.wait_for(r"model \S+, ([\d.]+) MB", timeout=10)[1])
+        assert server.wait(timeout=150) == 0, server.output()
+        stats = proxy.stats()
+    finally:
+        proxy.close()
+    history = check_history(out, rounds, min_clients=2)
+    # The slow link carried every round's model both ways and was counted every round.
+    for record in history:
+        assert "victim" in clients_of(record), record
+    assert stats.downstream_bytes >= rounds * model_mb * 1e6 * 0.99
+    assert stats.upstream_bytes >= rounds * model_mb * 1e6 * 0.99
+
+
+def test_stall_longer_than_the_round_timeout_is_a_failure(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rounds = 3
+    round_timeout_s = 6
+    server, _, proxy, _ = _federation(cluster, out, rounds, round_timeout_s, "--max-steps", "10")
+    try:
+        target = int(server.wait_for(THREE_CLIENTS, timeout=120)[1])
+        assert target < rounds, server.output()
+        # Silence while the round's model is in flight: bytes stop, sockets stay open.
+        proxy.stall()
+        try:
+            server.wait_for(
+                rf"round {target}: client victim missed the deadline",
+                timeout=round_timeout_s + 60,
+            )
+        finally:
+            proxy.resume()
+        assert server.wait(timeout=120) == 0, server.output()
+    finally:
+        proxy.close()
+    history = check_history(out, rounds, min_clients=2)
+    stalled = history[target - 1]
+    assert clients_of(stalled) == {"c0", "c1"}
+    assert "no upload within" in stalled["failures"]["victim"]
