@@ -95,13 +95,31 @@ class DeltaAccumulator:
         }
         self.total_weight = 0
         self.num_folded = 0
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def fold(self, name: str, element_offset: int, values: torch.Tensor, weight: int) -> None:
         """Add ``weight * values`` to elements [offset, offset + len) of tensor ``name``."""
+        if element_offset < 0:
+            raise ValueError(f"tensor {name!r}: negative offset {element_offset}")
         target = self._sums[name][element_offset : element_offset + values.numel()]
         if target.numel() != values.numel():
             raise ValueError(f"tensor {name!r}: slice out of range")
-        target.add_(values.reshape(-1).to(target.dtype), alpha=weight)
+        # Multiply, then add: two roundings instead of one fused multiply-add. Float
+        # addition commutes and a fused ``s + w * x`` does not, so with two clients the
+        # sum is bit-identical whichever upload arrives first (a resumed run then
+        # reproduces a clean one exactly).
+        scaled = self._scratch(values.numel(), target.dtype)
+        scaled.copy_(values.reshape(-1))  # widen first: half * weight would round in half
+        scaled.mul_(weight)
+        target.add_(scaled)
+
+    def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable buffer of at least ``numel`` elements (no allocation per block)."""
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype)
+            self._buffers[dtype] = buffer
+        return buffer[:numel]
 
     def fold_state(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold a whole in-memory delta (tests and small models)."""

@@ -245,3 +245,23 @@ def test_folding_order_does_not_change_the_average() -> None:
     for average in averages[1:]:
         for name, tensor in averages[0].items():
             torch.testing.assert_close(average[name], tensor, msg=name)
+
+
+def test_two_client_sum_is_bit_identical_in_either_arrival_order() -> None:
+    # A fused multiply-add would round differently depending on which delta came first;
+    # the accumulator's multiply-then-add makes a resumed run reproduce a clean one.
+    generator = torch.Generator().manual_seed(7)
+    a, b = (torch.randn(10_000, generator=generator) for _ in range(2))
+    manifest = Manifest.of({"w": a})
+    forward, backward = DeltaAccumulator(manifest), DeltaAccumulator(manifest)
+    forward.fold_state({"w": a}, 359)
+    forward.fold_state({"w": b}, 1021)
+    backward.fold_state({"w": b}, 1021)
+    backward.fold_state({"w": a}, 359)
+    assert torch.equal(forward.average()["w"], backward.average()["w"])
+
+
+def test_negative_offset_is_refused() -> None:
+    accumulator = DeltaAccumulator(Manifest.of({"w": torch.zeros(4)}))
+    with pytest.raises(ValueError, match="negative offset"):
+        accumulator.fold("w", -3, torch.ones(2), 1)
