@@ -47,7 +47,8 @@ class BenchResult:
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record["met"] = self.met
-        return _finite(record)
+        cleaned: dict[str, Any] = _finite(record)
+        return cleaned
 
 
 def ratio(value: float, limit: float) -> float:

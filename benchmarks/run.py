@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks import foldin, machine, memory, parallel, report, scale, transport
+from benchmarks.loadrun import LoadRun
 from benchmarks.results import BenchResult
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,9 +86,9 @@ QUICK = Plan(
 
 def run_all(plan: Plan, only: Sequence[str], logs: Path) -> list[BenchResult]:
     results: dict[str, BenchResult] = {}
-    floor_runs: list[memory.LoadRun] = []
+    floor_runs: list[LoadRun] = []
 
-    def floor() -> memory.LoadRun:
+    def floor() -> LoadRun:
         if not floor_runs:
             floor_runs.append(memory.floor(logs))
         return floor_runs[0]

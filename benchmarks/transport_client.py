@@ -51,7 +51,7 @@ async def run(address: str, client_id: str, chunk_bytes: int) -> None:
     )
     connection = ServerConnection(settings, client_id)
     clock = RoundClock(connection.stub.WatchRounds)
-    connection.stub.WatchRounds = clock  # type: ignore[method-assign]
+    connection.stub.WatchRounds = clock
     try:
         await connection.join()
         async for event in connection.rounds():
