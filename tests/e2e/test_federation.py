@@ -166,6 +166,7 @@ def test_local_launcher_runs_a_federation_and_prefixes_output(tmp_path: Path) ->
             "2",
             "--out",
             str(out),
+            "--verbose",  # client logs too, so every role's prefix shows
         ],
         capture_output=True,
         text=True,
