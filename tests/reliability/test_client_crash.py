@@ -12,6 +12,7 @@ to a kill is retried, so the policy alone decides whether the run completes.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -52,6 +53,14 @@ class Kill:
     delay_s: float
 
 
+def _seeds(spec: str) -> list[int]:
+    """ "1-3" or "4,9,12" -> the seeds to run."""
+    if "-" in spec:
+        first, last = spec.split("-", 1)
+        return list(range(int(first), int(last) + 1))
+    return [int(part) for part in spec.split(",") if part.strip()]
+
+
 def _plan(seed: int) -> list[Kill]:
     rng = random.Random(seed)
     return [
@@ -60,7 +69,11 @@ def _plan(seed: int) -> list[Kill]:
     ]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# More seeds for a soak run: RELIABILITY_SEEDS=1-50 pytest tests/reliability -k kills
+SEEDS = _seeds(os.environ.get("RELIABILITY_SEEDS", "1-3"))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_client_kills_and_restarts_never_break_the_run(
     cluster: Cluster, tmp_path: Path, seed: int
 ) -> None:

@@ -88,7 +88,7 @@ def namespace() -> Iterator[Namespace]:
         _in_ns(ns, "ip", "link", "set", ns.inner_veth, "up")
         _in_ns(ns, "ip", "link", "set", "lo", "up")
         try:
-            # Both directions slowed: the host end shapes downloads, the inner end uploads.
+            # The host end's egress: the model's way to the client crosses a 1 Mbit/s link.
             subprocess.run(
                 ["tc", "qdisc", "add", "dev", ns.host_veth, "root", *SHAPE],
                 check=True,
@@ -96,7 +96,6 @@ def namespace() -> Iterator[Namespace]:
                 text=True,
                 timeout=30,
             )
-            _in_ns(ns, "tc", "qdisc", "add", "dev", ns.inner_veth, "root", *SHAPE)
         except subprocess.CalledProcessError as error:
             pytest.skip(f"tc tbf is not available here: {error.stderr.strip()}")
         yield ns
