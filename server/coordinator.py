@@ -316,7 +316,7 @@ class Coordinator:
 
     async def commit_upload(self, ticket: UploadTicket, receiver: UploadReceiver) -> None:
         """Validate the staged delta, then fold it into the round's sum exactly once."""
-        await asyncio.to_thread(receiver.check_finite)
+        receiver.check_finite()  # found while the chunks arrived: no second pass
         async with self._fold_lock:
             state = self.current
             if state is None or not self.is_open(ticket.round):

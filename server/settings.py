@@ -61,7 +61,7 @@ class ServerSettings(BaseModel):
         1 << 20, ge=1024, le=3 << 20, description="tensor bytes per streamed message"
     )
     spool_memory_bytes: int = Field(
-        8 << 20, ge=0, description="bytes of one upload staged in memory before spilling to disk"
+        1 << 20, ge=0, description="bytes of one upload staged in memory before spilling to disk"
     )
     resume: bool = Field(
         True, description="continue from the checkpoint in --out when there is one"

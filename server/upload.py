@@ -11,24 +11,80 @@ model and the sum) however many clients upload at once.
 from __future__ import annotations
 
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import torch
-from fedstream.common.codec import Manifest, all_finite
+from fedstream.common.codec import Manifest, TensorSpec, all_finite
 from fedstream.common.errors import UploadRejected
 from fedstream.server.aggregate import DeltaAccumulator
 
 READ_BLOCK_BYTES = 4 << 20
 
 
+class FiniteScanner:
+    """Finds NaN or Inf in a payload as it streams past, one pass, no staging.
+
+    Chunks may end in the middle of an element, so up to ``itemsize - 1`` bytes are
+    carried over to the next chunk; padding between tensors is skipped.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._regions = [
+            (offset, offset + spec.nbytes, spec)
+            for spec, offset in zip(manifest.specs, manifest.offsets, strict=True)
+            if spec.torch_dtype.is_floating_point and spec.nbytes
+        ]
+        self._index = 0
+        self._carry = b""
+        self.position = 0
+        self.first_bad: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        start, end = self.position, self.position + len(data)
+        self.position = end
+        while self.first_bad is None and self._index < len(self._regions):
+            region_start, region_end, spec = self._regions[self._index]
+            low, high = max(start, region_start), min(end, region_end)
+            if low < high:
+                self._scan(spec, view[low - start : high - start])
+            if region_end > end:
+                return
+            self._index += 1
+            self._carry = b""
+
+    def _scan(self, spec: TensorSpec, piece: memoryview) -> None:
+        if self._carry:
+            need = spec.itemsize - len(self._carry)
+            whole, piece = self._carry + bytes(piece[:need]), piece[need:]
+            if len(whole) < spec.itemsize:
+                self._carry = whole
+                return
+            self._carry = b""
+            self._check(spec, whole)
+        usable = len(piece) - len(piece) % spec.itemsize
+        if usable:
+            self._check(spec, piece[:usable])
+        self._carry = bytes(piece[usable:])
+
+    def _check(self, spec: TensorSpec, raw: bytes | memoryview) -> None:
+        with warnings.catch_warnings():
+            # The values are only read; torch warns about any read-only buffer.
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.frombuffer(raw, dtype=spec.torch_dtype)
+        if not all_finite(values):
+            self.first_bad = spec.name
+
+
 class UploadReceiver:
-    """Byte-level checks while the stream arrives; tensor-level checks at the end."""
+    """Byte-level and value checks while the stream arrives; the fold reads it back once."""
 
     def __init__(
-        self, manifest: Manifest, spool_memory_bytes: int = 8 << 20, spool_dir: Path | None = None
+        self, manifest: Manifest, spool_memory_bytes: int = 1 << 20, spool_dir: Path | None = None
     ) -> None:
         self.manifest = manifest
         folder = None if spool_dir is None else str(spool_dir)
@@ -40,6 +96,7 @@ class UploadReceiver:
             else tempfile.TemporaryFile(dir=folder)
         )
         self._crc = 0
+        self._scanner = FiniteScanner(manifest)
         self.received_bytes = 0
         self.complete = False
 
@@ -52,6 +109,7 @@ class UploadReceiver:
                 "declares"
             )
         self._crc = zlib.crc32(data, self._crc)
+        self._scanner.feed(data)
         self._spool.write(data)
         self.received_bytes += len(data)
 
@@ -74,13 +132,13 @@ class UploadReceiver:
         self.complete = True
 
     def check_finite(self) -> None:
-        """Refuse NaN or Inf anywhere in the delta (reads the staged payload once)."""
-        for name, offset, values in self._iter():
-            if not all_finite(values):
-                raise UploadRejected(
-                    f"tensor {name!r} holds NaN or Inf (from element {offset})",
-                    reason="non_finite",
-                )
+        """Refuse NaN or Inf anywhere in the delta (found while the chunks arrived)."""
+        if not self.complete:
+            raise UploadRejected("upload is not complete")
+        if self._scanner.first_bad is not None:
+            raise UploadRejected(
+                f"tensor {self._scanner.first_bad!r} holds NaN or Inf", reason="non_finite"
+            )
 
     def fold_into(self, accumulator: DeltaAccumulator, weight: int) -> None:
         for name, offset, values in self._iter():
@@ -107,8 +165,7 @@ class UploadReceiver:
                 size = count * spec.itemsize
                 if self._spool.readinto(window[:size]) != size:  # type: ignore[attr-defined]
                     raise UploadRejected(f"staged upload of tensor {spec.name!r} is truncated")
-                yield spec.name, done, torch.frombuffer(block, dtype=spec.torch_dtype,
-                                                        count=count)
+                yield spec.name, done, torch.frombuffer(block, dtype=spec.torch_dtype, count=count)
                 done += count
 
     def close(self) -> None:

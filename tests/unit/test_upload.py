@@ -252,3 +252,34 @@ def test_zero_spool_memory_stages_the_upload_on_disk(
         assert files_open_under(tmp_path)
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_scanner_finds_nan_across_any_chunk_boundary(chunk_bytes: int, dtype: torch.dtype) -> None:
+    from fedstream.server.upload import FiniteScanner
+
+    state = {
+        "steps": torch.tensor([5], dtype=torch.int64),
+        "odd": torch.ones(3, dtype=torch.int8),  # leaves padding before the next tensor
+        "w": torch.ones(37, dtype=dtype),
+    }
+    state["w"][29] = float("nan")
+    manifest = Manifest.of(state)
+    scanner = FiniteScanner(manifest)
+    for chunk in iter_payload(state, manifest, chunk_bytes):
+        scanner.feed(chunk)
+    assert scanner.first_bad == "w"
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5, 4096])
+def test_scanner_passes_finite_payloads_and_ignores_integer_bit_patterns(chunk_bytes: int) -> None:
+    from fedstream.server.upload import FiniteScanner
+
+    # An int32 whose bits spell a float NaN must not be mistaken for one.
+    state = {"ids": torch.tensor([0x7FC00000], dtype=torch.int32), "w": torch.randn(50)}
+    manifest = Manifest.of(state)
+    scanner = FiniteScanner(manifest)
+    for chunk in iter_payload(state, manifest, chunk_bytes):
+        scanner.feed(chunk)
+    assert scanner.first_bad is None
