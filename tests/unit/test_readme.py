@@ -35,3 +35,21 @@ def test_every_flag_is_in_the_readme(parser: argparse.ArgumentParser) -> None:
 
 def test_readme_names_the_two_commands() -> None:
     assert "make run" in README and "make test" in README
+
+
+@pytest.mark.parametrize("prefix", ["FL_SERVER_", "FL_CLIENT_"])
+def test_readme_defaults_match_the_settings(prefix: str) -> None:
+    from fedstream.client.settings import ClientSettings
+    from fedstream.server.settings import ServerSettings
+
+    model = ServerSettings if prefix == "FL_SERVER_" else ClientSettings
+    rows = {
+        cells[2].strip("` "): cells[3].strip()
+        for line in README.splitlines()
+        if line.startswith("| `--") and (cells := line.split("|")) and prefix in line
+    }
+    for name, field in model.model_fields.items():
+        documented = rows.get(f"{prefix}{name.upper()}")
+        assert documented is not None, f"{prefix}{name.upper()} missing from the README table"
+        expected = "-" if field.default is None else f"`{field.default}`"
+        assert documented == expected, f"{name}: README says {documented}, code {expected}"
