@@ -3,6 +3,11 @@ tests, shared rather than copied, so fuzzing drives exactly the server they test
 
 from __future__ import annotations
 
-from tests.integration.conftest import make_harness
+from collections.abc import Awaitable, Callable
 
-__all__ = ["make_harness"]
+from tests.integration.conftest import Harness, make_harness
+
+# What a test receives from the make_harness fixture: build a server with config overrides.
+MakeHarness = Callable[..., Awaitable[Harness]]
+
+__all__ = ["MakeHarness", "make_harness"]

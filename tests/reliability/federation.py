@@ -70,6 +70,7 @@ def check_history(out: Path, rounds: int, min_clients: int) -> list[dict[str, An
 
 def check_checkpoint_finite(out: Path, rounds: int) -> dict[str, torch.Tensor]:
     round_number, _, state = load_checkpoint(out / "checkpoint.pt")
+    state = {name: torch.as_tensor(tensor) for name, tensor in state.items()}
     assert round_number == rounds
     for name, tensor in state.items():
         if tensor.is_floating_point():

@@ -31,7 +31,7 @@ from fedstream.common.codec import DTYPES, Manifest, TensorSpec, decode, iter_pa
 from fedstream.common.errors import ManifestError, RoundFailed, UploadRejected
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.server.aggregate import DeltaAccumulator
-from fedstream.server.coordinator import summary_record
+from fedstream.server.coordinator import RoundSummary, summary_record
 from fedstream.server.upload import UploadReceiver
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
@@ -48,6 +48,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_rounds import connect, delta_like
 from tests.procs import Cluster
+from tests.reliability.conftest import MakeHarness
 from tests.reliability.federation import (
     SERVER_FLAGS,
     check_checkpoint_finite,
@@ -316,10 +317,14 @@ def _could_be_accepted(messages: list[pb.UpdateMessage]) -> bool:
         return False
     data = b"".join(m.chunk.data for m in messages[1:-1])
     end = messages[-1].end
-    return end.total_bytes == len(data) == MANIFEST.total_bytes and end.crc32 == zlib.crc32(data)
+    return bool(
+        end.total_bytes == len(data) == MANIFEST.total_bytes and end.crc32 == zlib.crc32(data)
+    )
 
 
-async def _fuzz_harness(make_harness) -> tuple[Harness, asyncio.Task[object], list[FakeClient]]:
+async def _fuzz_harness(
+    make_harness: MakeHarness,
+) -> tuple[Harness, asyncio.Task[list[RoundSummary]], list[FakeClient]]:
     # The round never times out during the fuzz, and the honest client "h" keeps it
     # from settling however many fuzzed uploads fail "a" and "b".
     harness: Harness = await make_harness(min_clients=2, round_timeout_s=3600.0)
@@ -330,7 +335,9 @@ async def _fuzz_harness(make_harness) -> tuple[Harness, asyncio.Task[object], li
     return harness, run, clients
 
 
-async def test_fuzzed_upload_streams_get_a_status_and_leave_no_trace(make_harness) -> None:
+async def test_fuzzed_upload_streams_get_a_status_and_leave_no_trace(
+    make_harness: MakeHarness,
+) -> None:
     harness, run, clients = await _fuzz_harness(make_harness)
     coordinator = harness.coordinator
     before = {name: tensor.clone() for name, tensor in coordinator.global_state.items()}
@@ -385,7 +392,7 @@ async def test_fuzzed_upload_streams_get_a_status_and_leave_no_trace(make_harnes
             stream(upload_messages(client.client_id, 1, delta_like(STATE, 1.0))),
             timeout=CALL_TIMEOUT_S,
         )
-    summaries = await asyncio.wait_for(run, 20)
+    summaries: list[RoundSummary] = await asyncio.wait_for(run, 20)
     assert summaries[0].succeeded == 3
     torch.testing.assert_close(
         coordinator.global_state["layer.weight"], STATE["layer.weight"] + 1.0
@@ -394,7 +401,7 @@ async def test_fuzzed_upload_streams_get_a_status_and_leave_no_trace(make_harnes
 
 @pytest.mark.parametrize("shape", [[2**40], [2**30, 2**30], [2**20, 2**20, 2**10], [4, 3, 2**40]])
 async def test_header_declaring_a_huge_tensor_is_refused_before_any_allocation(
-    make_harness, shape: list[int]
+    make_harness: MakeHarness, shape: list[int]
 ) -> None:
     harness, run, clients = await _fuzz_harness(make_harness)
     receivers: list[UploadReceiver] = []
@@ -404,7 +411,7 @@ async def test_header_declaring_a_huge_tensor_is_refused_before_any_allocation(
         receivers.append(make_receiver())
         return receivers[-1]
 
-    harness.coordinator.new_receiver = counting_receiver  # type: ignore[method-assign]
+    harness.coordinator.new_receiver = counting_receiver
     header = header_message("a", 1, MANIFEST)
     header.header.manifest.tensors[0].shape[:] = shape
     # The declared size is consistent with the shape (float32 weight first, then the
@@ -427,7 +434,7 @@ def _aligned(offset: int) -> int:
     return -(-offset // 8) * 8
 
 
-async def _stop(run: asyncio.Task[object]) -> None:
+async def _stop(run: asyncio.Task[list[RoundSummary]]) -> None:
     run.cancel()
     with contextlib.suppress(asyncio.CancelledError, RoundFailed):
         await run
@@ -439,7 +446,9 @@ async def _stop(run: asyncio.Task[object]) -> None:
     "out of the request iterator, which the catch-all branch logs as 'connection lost during "
     "upload' and re-raises, so the client gets UNKNOWN instead of INVALID_ARGUMENT",
 )
-async def test_undecodable_message_in_an_upload_is_invalid_argument(make_harness) -> None:
+async def test_undecodable_message_in_an_upload_is_invalid_argument(
+    make_harness: MakeHarness,
+) -> None:
     harness, run, clients = await _fuzz_harness(make_harness)
     channel = grpc.aio.insecure_channel(harness.address)
     harness.channels.append(channel)
@@ -465,7 +474,7 @@ async def test_undecodable_message_in_an_upload_is_invalid_argument(make_harness
     "writes the non-JSON literal NaN into metrics.jsonl",
 )
 async def test_non_finite_train_loss_in_a_report_does_not_poison_the_metrics(
-    make_harness,
+    make_harness: MakeHarness,
 ) -> None:
     harness: Harness = await make_harness(min_clients=2)
     clients = await connect(harness, "a", "b", "c")

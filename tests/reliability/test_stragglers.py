@@ -28,6 +28,7 @@ from tests.e2e.test_federation import start_server
 from tests.integration.conftest import Harness, stream, tiny_state, upload_messages, wait_until
 from tests.integration.test_rounds import connect, delta_like
 from tests.procs import Cluster
+from tests.reliability.conftest import MakeHarness
 from tests.reliability.federation import SERVER_FLAGS, check_history, clients_of, start_client
 
 ROUND_TIMEOUT_S = 8
@@ -98,7 +99,9 @@ async def _held_back(
 
 
 @pytest.mark.parametrize("late", ["finished_after_deadline", "started_after_deadline"])
-async def test_late_upload_is_stale_and_leaves_the_model_alone(make_harness, late: str) -> None:
+async def test_late_upload_is_stale_and_leaves_the_model_alone(
+    make_harness: MakeHarness, late: str
+) -> None:
     harness: Harness = await make_harness(min_clients=2, rounds=2, round_timeout_s=2.0)
     a, b, c = await connect(harness, "a", "b", "c")
     run = asyncio.create_task(harness.coordinator.run())
@@ -118,7 +121,7 @@ async def test_late_upload_is_stale_and_leaves_the_model_alone(make_harness, lat
             started.set()
             return make_receiver()
 
-        harness.coordinator.new_receiver = spy  # type: ignore[method-assign]
+        harness.coordinator.new_receiver = spy
         call = c.stub.PushUpdate(_held_back(late_upload, len(late_upload) // 2, gate))
         await asyncio.wait_for(started.wait(), 10)
     for client in (a, b):
