@@ -102,6 +102,7 @@ class ServerConnection:
         )
         self.stub = pb_grpc.FederationStub(self.channel)
         self._pin = settings.gpu is not None
+        self._last_buffer: torch.Tensor | None = None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -130,7 +131,12 @@ class ServerConnection:
             kind = message.WhichOneof("kind")
             if kind == "round_start":
                 task = wire.round_start_from_pb(message.round_start)
-                assembler = PayloadAssembler(task.manifest, pin_memory=self._pin)
+                # Rounds are handled one at a time: by the next RoundStart the trainer has
+                # copied the last model out, so its buffer can take the next one.
+                assembler = PayloadAssembler(
+                    task.manifest, pin_memory=self._pin, reuse=self._last_buffer
+                )
+                self._last_buffer = assembler.buffer
             elif kind == "chunk":
                 if assembler is None:
                     raise TransferError("model chunk before RoundStart")

@@ -426,3 +426,21 @@ def test_decode_refuses_a_payload_of_the_wrong_length(delta: int) -> None:
     wrong = payload[:-1] if delta < 0 else payload + b"\x00"
     with pytest.raises(ManifestError, match="bytes"):
         decode(wrong, manifest)
+
+
+def test_assembler_reuses_a_buffer_of_the_right_size_only() -> None:
+    state = {"w": torch.arange(6, dtype=torch.float32)}
+    manifest = Manifest.of(state)
+    first = PayloadAssembler(manifest)
+    for chunk in iter_payload(state, manifest, 5):
+        first.add(chunk)
+    first.finish(manifest.total_bytes, crc32_of(state, manifest))
+    second = PayloadAssembler(manifest, reuse=first.buffer)
+    assert second.buffer.data_ptr() == first.buffer.data_ptr()
+    doubled = {"w": state["w"] * 2}
+    for chunk in iter_payload(doubled, manifest, 5):
+        second.add(chunk)
+    received = second.finish(manifest.total_bytes, crc32_of(doubled, manifest))
+    torch.testing.assert_close(received["w"], doubled["w"])
+    other = Manifest.of({"w": torch.zeros(7)})
+    assert PayloadAssembler(other, reuse=first.buffer).buffer.data_ptr() != first.buffer.data_ptr()
