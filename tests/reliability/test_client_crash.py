@@ -38,12 +38,18 @@ ROUNDS = 6
 KILLS = 3
 CLIENT_IDS = ("c0", "c1", "c2")
 # Lines a client logs at each stage of its life; a kill lands at or after one of them.
+STARTUP = r"client \S+ on cpu"
 MOMENTS = (
-    r"client \S+ on cpu",  # starting up, before or while joining
+    STARTUP,  # a fresh client starting up and joining; an older one: right now
     r"round \d+: received global model",  # about to train
     r"round \d+: trained",  # about to upload
     r"round \d+: upload accepted",  # waiting for the next round's model
 )
+
+
+# Two local epochs make a round last longer than a client's restart, so the planned
+# kills land while the run is still going.
+CLIENT_FLAGS = ("--local-epochs", "2")
 
 
 @dataclass(frozen=True)
@@ -94,14 +100,15 @@ def test_random_client_kills_and_restarts_never_break_the_run(
     address = f"127.0.0.1:{port}"
     generation = dict.fromkeys(CLIENT_IDS, 0)
     live: dict[str, Proc] = {
-        cid: start_client(cluster, f"{cid}-0", address, cid) for cid in CLIENT_IDS
+        cid: start_client(cluster, f"{cid}-0", address, cid, *CLIENT_FLAGS) for cid in CLIENT_IDS
     }
     plan = _plan(seed)
     done: list[str] = []
     for kill in plan:
         victim = live[kill.client_id]
         try:
-            victim.wait_for(kill.moment, timeout=90, start=max(0, len(victim.lines) - 1))
+            start = 0 if kill.moment == STARTUP else max(0, len(victim.lines) - 1)
+            victim.wait_for(kill.moment, timeout=90, start=start)
         except AssertionError:
             if _server_exited(server):
                 break  # the run ended before this moment came round
@@ -116,9 +123,8 @@ def test_random_client_kills_and_restarts_never_break_the_run(
         done.append(f"{kill.client_id} at /{kill.moment}/ +{kill.delay_s}s")
         mark = len(server.lines)
         generation[kill.client_id] += 1
-        live[kill.client_id] = start_client(
-            cluster, f"{kill.client_id}-{generation[kill.client_id]}", address, kill.client_id
-        )
+        name = f"{kill.client_id}-{generation[kill.client_id]}"
+        live[kill.client_id] = start_client(cluster, name, address, kill.client_id, *CLIENT_FLAGS)
         # One client down at a time: the next kill waits until this one is back.
         try:
             server.wait_for(rf"client {kill.client_id} joined again", timeout=90, start=mark)
