@@ -35,6 +35,7 @@ from tests.reliability.federation import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
+NS_PREFIX = "flrel"  # + the owning test process's pid
 LINK_DOWN_S = 3.0  # how long the fault lasts
 SHAPE = ("tbf", "rate", "1mbit", "burst", "32kbit", "latency", "400ms")
 
@@ -61,15 +62,28 @@ def _in_ns(ns: Namespace, *argv: str) -> None:
     )
 
 
+def _remove_leftovers() -> None:
+    """Delete namespaces left by test processes that died before their teardown."""
+    listing = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, timeout=30
+    ).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        owner = name.removeprefix(NS_PREFIX)
+        if name.startswith(NS_PREFIX) and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
 @pytest.fixture
 def namespace() -> Iterator[Namespace]:
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     if shutil.which("ip") is None or shutil.which("tc") is None:
         pytest.skip("iproute2 (ip, tc) is not installed")
+    _remove_leftovers()
     tag = os.getpid() % 200
     ns = Namespace(
-        name=f"flrel{os.getpid()}",
+        name=f"{NS_PREFIX}{os.getpid()}",
         host_veth=f"flh{os.getpid() % 100000}",
         inner_veth=f"fli{os.getpid() % 100000}",
         host_ip=f"10.232.{tag}.1",
