@@ -60,7 +60,7 @@ class Kill:
 
 
 def _seeds(spec: str) -> list[int]:
-    """ "1-3" or "4,9,12" -> the seeds to run."""
+    """The seeds named by a range ("1-3") or a list ("4,9,12")."""
     if "-" in spec:
         first, last = spec.split("-", 1)
         return list(range(int(first), int(last) + 1))
