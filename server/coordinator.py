@@ -229,6 +229,7 @@ class Coordinator:
             session.inbox.put_nowait(Finish("replaced by a newer connection"))
             session.inbox = asyncio.Queue()
         session.connected = True
+        log.debug("client %s is waiting for rounds", client_id)
         if self.finished:
             session.inbox.put_nowait(Finish("run complete"))
         async with self._membership:
