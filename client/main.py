@@ -61,7 +61,10 @@ async def _upload(
             if code == grpc.StatusCode.ALREADY_EXISTS:
                 log.info("round %d: upload had already landed", round_number)
                 return
-            if code in RECONNECT_CODES and attempt < UPLOAD_ATTEMPTS:
+            # Only a connection that never carried the upload is worth a retry: gRPC's
+            # asyncio client may report a server's early refusal as INTERNAL, and
+            # resending the whole delta would not change the answer.
+            if code == grpc.StatusCode.UNAVAILABLE and attempt < UPLOAD_ATTEMPTS:
                 log.warning("round %d: upload failed (%s), retrying", round_number, code.name)
                 await asyncio.sleep(backoff.next_delay())
                 continue

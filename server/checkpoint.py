@@ -59,7 +59,8 @@ class MetricsLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            # Strict JSON: a NaN would make the line unreadable to other tools.
+            handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
 import time
 import zlib
@@ -295,6 +296,16 @@ class Coordinator:
             )
         if header.client_id in self._uploading:
             raise UploadRejected(f"{who} already has an upload in progress", reason="busy")
+        report = header.report
+        if not all(
+            math.isfinite(value)
+            for value in (
+                report.train_loss,
+                report.train_started_unix_s,
+                report.train_finished_unix_s,
+            )
+        ):
+            raise UploadRejected(f"{who}: training report holds NaN or Inf")
         if header.num_examples < 1:
             raise UploadRejected(f"{who}: num_examples must be positive")
         difference = self.manifest.describe_difference(header.manifest)
@@ -307,10 +318,15 @@ class Coordinator:
         """Release the client's upload slot, whatever became of the upload."""
         self._uploading.discard(ticket.client_id)
 
-    def upload_failed(self, ticket: UploadTicket, why: str) -> None:
+    def upload_failed(self, client_id: str, round_number: int, why: str) -> None:
+        """Record a broken or refused upload as this client's failure for the round.
+
+        Only a selected client's upload for the open round counts; a later good upload
+        in the same round still replaces the failure.
+        """
         state = self.current
-        if state is not None and state.number == ticket.round:
-            state.record_failure(ticket.client_id, why)
+        if state is not None and state.number == round_number:
+            state.record_failure(client_id, why)
 
     def new_receiver(self) -> UploadReceiver:
         return UploadReceiver(self.manifest, self.config.spool_memory_bytes)

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 import grpc
 from fedstream.common import wire
 from fedstream.common.errors import FedstreamError, ManifestError, UploadRejected
-from fedstream.common.messages import PROTOCOL_VERSION, RoundTask
+from fedstream.common.messages import PROTOCOL_VERSION, RoundTask, UpdateHeader
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
 from fedstream.server.auth import TokenTable, bearer_token
 from fedstream.server.coordinator import Coordinator, Finish, UploadTicket
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,21 @@ _STATUS_BY_REASON = {
     "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
 }
+
+
+# Refusals that say nothing about the named client's own upload: an impostor without its
+# token, a second concurrent stream, a repeat of an upload that already counted.
+_NOT_THE_CLIENTS_FAILURE = {
+    "unauthenticated",
+    "busy",
+    "duplicate",
+    "unknown_client",
+    "not_selected",
+}
+
+
+def _is_the_clients_own_failure(error: FedstreamError) -> bool:
+    return not (isinstance(error, UploadRejected) and error.reason in _NOT_THE_CLIENTS_FAILURE)
 
 
 def status_for(error: FedstreamError) -> grpc.StatusCode:
@@ -109,8 +125,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 async for message in self._send_round(event):
                     yield message
         finally:
-            if why == "disconnected":
-                self.coordinator.detach(session, "disconnected from the round stream")
+            # After Finish too: a client that finished is no longer connected, so shutdown
+            # need not wait for it.
+            self.coordinator.detach(session, "disconnected from the round stream")
             level = logging.DEBUG if why == "run complete" else logging.INFO
             log.log(level, "client %s: round stream closed (%s)", session.client_id, why)
 
@@ -133,6 +150,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
     ) -> pb.UpdateReply:
         ticket: UploadTicket | None = None
+        header: UpdateHeader | None = None
         receiver = None
         where = "upload"
         try:
@@ -164,16 +182,31 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 )
             await self.coordinator.commit_upload(ticket, receiver)
             return pb.UpdateReply(round=ticket.round)
+        except DecodeError as error:
+            # A message gRPC could not parse: malformed input, not a lost connection.
+            log.warning("rejected %s: undecodable message (%s)", where, error)
+            if header is not None:
+                self.coordinator.upload_failed(
+                    header.client_id, header.round, "bad upload: undecodable message"
+                )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "upload carries a message that is not protobuf"
+            )
+            raise AssertionError("unreachable") from None
         except FedstreamError as error:
             log.warning("rejected %s: %s", where, error)
-            if ticket is not None:
-                self.coordinator.upload_failed(ticket, f"bad upload: {error}")
+            if header is not None and _is_the_clients_own_failure(error):
+                self.coordinator.upload_failed(
+                    header.client_id, header.round, f"bad upload: {error}"
+                )
             await context.abort(status_for(error), str(error))
             raise AssertionError("unreachable") from None  # abort always raises
         except BaseException:
             # Cancelled: the client went away mid-upload.
             if ticket is not None:
-                self.coordinator.upload_failed(ticket, "connection lost during upload")
+                self.coordinator.upload_failed(
+                    ticket.client_id, ticket.round, "connection lost during upload"
+                )
                 log.warning("%s: connection lost during upload", where)
             raise
         finally:

@@ -442,12 +442,6 @@ async def _stop(run: asyncio.Task[list[RoundSummary]]) -> None:
         await run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/servicer.py PushUpdate: a message protobuf cannot parse raises DecodeError "
-    "out of the request iterator, which the catch-all branch logs as 'connection lost during "
-    "upload' and re-raises, so the client gets UNKNOWN instead of INVALID_ARGUMENT",
-)
 async def test_undecodable_message_in_an_upload_is_invalid_argument(
     make_harness: MakeHarness,
 ) -> None:
@@ -469,12 +463,6 @@ async def test_undecodable_message_in_an_upload_is_invalid_argument(
         await _stop(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/coordinator.py commit_upload copies the client's TrainReport unchecked: a "
-    "NaN train_loss from one client makes the round's train_loss NaN and summary_record "
-    "writes the non-JSON literal NaN into metrics.jsonl",
-)
 async def test_non_finite_train_loss_in_a_report_does_not_poison_the_metrics(
     make_harness: MakeHarness,
 ) -> None:

@@ -17,12 +17,6 @@ from tests.integration.test_rounds import connect, delta_like
 from tests.reliability.conftest import MakeHarness
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/servicer.py WatchRounds: when the stream ends after sending Finish the "
-    "finally block skips coordinator.detach (only 'disconnected' detaches), so the session "
-    "stays connected and serve()'s _drain waits its full GRACE_S at every shutdown",
-)
 async def test_clients_that_received_finish_are_no_longer_connected(
     make_harness: MakeHarness,
 ) -> None:
