@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from fedstream.server.checkpoint import load_checkpoint
 
-from tests.procs import Cluster, Proc, client_argv
+from tests.procs import Cluster, Proc, client_argv, start_fl_server
 
 # Per-round server lines ("round N: started with K clients", "client X uploaded") are
 # logged at DEBUG; the tests wait on them.
@@ -93,3 +93,13 @@ def sessions_created(server: Proc) -> list[str]:
 
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def start_reliability_server(
+    cluster: Cluster, out: Path, rounds: int, round_timeout_s: float, *extra: str
+) -> tuple[Proc, int]:
+    """fl-server on loopback with the flags every reliability run shares (quorum of 2)."""
+    return start_fl_server(
+        cluster, out, "--rounds", str(rounds), "--min-clients", "2",
+        "--round-timeout", str(round_timeout_s), *extra, *SERVER_FLAGS,
+    )  # fmt: skip

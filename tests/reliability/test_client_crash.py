@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_federation import start_server
 from tests.procs import Cluster, Proc
 from tests.reliability.federation import (
-    SERVER_FLAGS,
     check_checkpoint_finite,
     check_history,
     sessions_created,
     start_client,
+    start_reliability_server,
 )
 
 pytestmark = pytest.mark.e2e
@@ -84,19 +83,7 @@ def test_random_client_kills_and_restarts_never_break_the_run(
     cluster: Cluster, tmp_path: Path, seed: int
 ) -> None:
     out = tmp_path / "run"
-    server, port = start_server(
-        cluster,
-        out,
-        "--rounds",
-        str(ROUNDS),
-        "--min-clients",
-        "2",
-        "--round-timeout",
-        "20",
-        "--round-retries",
-        str(KILLS),
-        *SERVER_FLAGS,
-    )
+    server, port = start_reliability_server(cluster, out, ROUNDS, 20, "--round-retries", str(KILLS))
     address = f"127.0.0.1:{port}"
     generation = dict.fromkeys(CLIENT_IDS, 0)
     live: dict[str, Proc] = {

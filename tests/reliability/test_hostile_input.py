@@ -37,7 +37,6 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.test_federation import start_server
 from tests.integration.conftest import (
     FakeClient,
     Harness,
@@ -50,10 +49,10 @@ from tests.integration.test_rounds import connect, delta_like
 from tests.procs import Cluster
 from tests.reliability.conftest import MakeHarness
 from tests.reliability.federation import (
-    SERVER_FLAGS,
     check_checkpoint_finite,
     check_history,
     start_client,
+    start_reliability_server,
 )
 
 STATE = tiny_state()
@@ -542,17 +541,7 @@ def test_garbage_on_the_server_port_does_not_disturb_running_rounds(
 ) -> None:
     out = tmp_path / "run"
     rounds = 2
-    server, port = start_server(
-        cluster,
-        out,
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        "2",
-        "--round-timeout",
-        "60",
-        *SERVER_FLAGS,
-    )
+    server, port = start_reliability_server(cluster, out, rounds, 60)
     # Connections that connect and then say nothing, held for the whole run.
     silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(HALF_OPEN)]
     hammer = _Hammer(port, seed=7)

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 from fedstream.common.codec import Manifest
 
-from tests.e2e.test_federation import start_server
 from tests.faultproxy import FaultProxy
 from tests.procs import Cluster, Proc
 from tests.reliability.federation import (
-    SERVER_FLAGS,
     check_checkpoint_finite,
     check_history,
     clients_of,
     sessions_created,
     start_client,
+    start_reliability_server,
 )
 
 pytestmark = pytest.mark.e2e
@@ -42,17 +41,7 @@ def _federation(
 ) -> tuple[Proc, int, FaultProxy, Proc]:
     """Server, proxy, the proxied victim and two direct clients; ``victim_first`` waits
     for the victim to join before starting the others, so round 1 selects it."""
-    server, port = start_server(
-        cluster,
-        out,
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        "2",
-        "--round-timeout",
-        str(round_timeout_s),
-        *SERVER_FLAGS,
-    )
+    server, port = start_reliability_server(cluster, out, rounds, round_timeout_s)
     proxy = FaultProxy("127.0.0.1", port).start()
     victim = start_client(cluster, "victim", proxy.address, "victim", *client_flags)
     if victim_first:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import pytest
 
 from tests.integration.conftest import Harness, stream, tiny_state, upload_messages
 from tests.integration.test_rounds import connect, delta_like

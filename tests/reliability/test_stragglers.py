@@ -24,12 +24,16 @@ import torch
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.server.upload import UploadReceiver
 
-from tests.e2e.test_federation import start_server
 from tests.integration.conftest import Harness, stream, tiny_state, upload_messages, wait_until
 from tests.integration.test_rounds import connect, delta_like
 from tests.procs import Cluster
 from tests.reliability.conftest import MakeHarness
-from tests.reliability.federation import SERVER_FLAGS, check_history, clients_of, start_client
+from tests.reliability.federation import (
+    check_history,
+    clients_of,
+    start_client,
+    start_reliability_server,
+)
 
 ROUND_TIMEOUT_S = 8
 
@@ -40,17 +44,7 @@ def test_paused_client_misses_the_deadline_is_refused_and_rejoins(
 ) -> None:
     out = tmp_path / "run"
     rounds = 4
-    server, port = start_server(
-        cluster,
-        out,
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        "2",
-        "--round-timeout",
-        str(ROUND_TIMEOUT_S),
-        *SERVER_FLAGS,
-    )
+    server, port = start_reliability_server(cluster, out, rounds, ROUND_TIMEOUT_S)
     address = f"127.0.0.1:{port}"
     # Three local epochs keep the straggler inside its training long enough for the
     # pause to land there; the fast clients take a few steps each round.
