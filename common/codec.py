@@ -10,6 +10,7 @@ a shape is a tuple of non-negative integers checked against a size limit.
 
 from __future__ import annotations
 
+import bisect
 import sys
 import zlib
 from collections.abc import Iterator, Mapping
@@ -186,6 +187,32 @@ def iter_payload(
                     pending, pending_len = [], 0
     if pending_len:
         yield b"".join(pending)
+
+
+def read_payload(
+    state: Mapping[str, torch.Tensor], manifest: Manifest, start: int, length: int
+) -> bytes:
+    """Bytes [start, start + length) of the payload, without building the rest of it."""
+    end = min(start + length, manifest.total_bytes)
+    pieces: list[memoryview] = []
+    cursor = start
+    first = max(0, bisect.bisect_right(manifest.offsets, start) - 1)
+    for spec, offset in zip(manifest.specs[first:], manifest.offsets[first:], strict=True):
+        if cursor >= end:
+            break
+        if offset > cursor:  # zero padding before this tensor
+            gap = min(offset, end) - cursor
+            pieces.append(memoryview(bytes(gap)))
+            cursor += gap
+            if cursor >= end:
+                break
+        tensor_end = offset + spec.nbytes
+        if tensor_end > cursor:
+            raw = as_bytes(state[spec.name])
+            take = min(tensor_end, end)
+            pieces.append(raw[cursor - offset : take - offset])
+            cursor = take
+    return b"".join(pieces)
 
 
 def crc32_of(state: Mapping[str, torch.Tensor], manifest: Manifest) -> int:

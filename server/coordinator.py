@@ -21,7 +21,7 @@ import random
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +254,10 @@ class Coordinator:
 
     # ---- download (called by the WatchRounds handler) ----------------------------------
 
+    def selected_count(self, round_number: int) -> int:
+        state = self.current
+        return len(state.selected) if state is not None and state.number == round_number else 0
+
     def is_open(self, round_number: int) -> bool:
         state = self.current
         return (
@@ -261,13 +265,6 @@ class Coordinator:
             and state.number == round_number
             and state.phase is RoundPhase.COLLECTING
         )
-
-    def payload_chunks(self, round_number: int) -> Iterator[bytes]:
-        """The global model's bytes for ``round_number``; stops if the round closes."""
-        for chunk in iter_payload(self.global_state, self.manifest, self.config.chunk_size_bytes):
-            if not self.is_open(round_number):
-                return
-            yield chunk
 
     # ---- upload (called by the PushUpdate handler) -------------------------------------
 

@@ -19,7 +19,6 @@ from fedstream.common.errors import ConfigError, RoundFailed
 from fedstream.common.logs import setup_logging
 from fedstream.common.messages import RunSpec, TrainConfig
 from fedstream.common.models import build_model
-from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
 from fedstream.common.training import evaluate
 from fedstream.server.auth import TokenTable, server_credentials
 from fedstream.server.checkpoint import (
@@ -34,13 +33,12 @@ from fedstream.server.coordinator import (
     RoundSummary,
     summary_record,
 )
-from fedstream.server.servicer import FederationServicer
+from fedstream.server.servicer import SERVICE_NAME, FederationServicer, add_to_server
 from fedstream.server.settings import ENV_PREFIX, ServerSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger("fedstream.server")
 
-SERVICE_NAME = "fedstream.v1.Federation"
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default, kept as a guard rail: chunks are ~1 MiB
 GRACE_S = 5.0
 
@@ -207,9 +205,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the gRPC server for ``coordinator``; returns it with the bound port."""
     server = grpc.aio.server(options=channel_options())
-    pb_grpc.add_FederationServicer_to_server(
-        FederationServicer(coordinator, MAX_MESSAGE_BYTES, tokens), server
-    )
+    add_to_server(FederationServicer(coordinator, MAX_MESSAGE_BYTES, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{port}"
@@ -256,7 +252,10 @@ async def serve(settings: ServerSettings) -> int:
     if first_round > settings.rounds:
         log.info(
             "run already complete: %s holds round %d of %d (use --no-resume or another --out "
-            "to train again)", settings.out, first_round - 1, settings.rounds
+            "to train again)",
+            settings.out,
+            first_round - 1,
+            settings.rounds,
         )
     loop = asyncio.get_running_loop()
     runner = asyncio.current_task()

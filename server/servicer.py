@@ -17,10 +17,13 @@ from fedstream.common.messages import PROTOCOL_VERSION, RoundTask, UpdateHeader
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
 from fedstream.server.auth import TokenTable, bearer_token
+from fedstream.server.broadcast import Broadcast
 from fedstream.server.coordinator import Coordinator, Finish, UploadTicket
 from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = "fedstream.v1.Federation"
 
 _STATUS_BY_REASON = {
     "malformed": grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,6 +54,40 @@ def _is_the_clients_own_failure(error: FedstreamError) -> bool:
     return not (isinstance(error, UploadRejected) and error.reason in _NOT_THE_CLIENTS_FAILURE)
 
 
+def _chunk_frame(data: bytes) -> bytes:
+    """A serialised ServerMessage carrying one chunk (made once per round, see broadcast)."""
+    return bytes(pb.ServerMessage(chunk=pb.Chunk(data=data)).SerializeToString())
+
+
+def _serialize_server_message(message: pb.ServerMessage | bytes) -> bytes:
+    # Chunk frames arrive already serialised; everything else is a message.
+    if isinstance(message, bytes):
+        return message
+    return bytes(message.SerializeToString())
+
+
+def add_to_server(servicer: FederationServicer, server: grpc.aio.Server) -> None:
+    """Register the Federation service; WatchRounds may yield pre-serialised frames."""
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            servicer.Join,
+            request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinReply.SerializeToString,
+        ),
+        "WatchRounds": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchRounds,
+            request_deserializer=pb.WatchRequest.FromString,
+            response_serializer=_serialize_server_message,
+        ),
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate,
+            request_deserializer=pb.UpdateMessage.FromString,
+            response_serializer=pb.UpdateReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def status_for(error: FedstreamError) -> grpc.StatusCode:
     if isinstance(error, UploadRejected):
         return _STATUS_BY_REASON.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT)
@@ -69,6 +106,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.coordinator = coordinator
         self.max_message_bytes = max_message_bytes
         self.tokens = tokens
+        self._broadcast: tuple[int, Broadcast] | None = None
 
     def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
         if self.tokens is None:
@@ -107,7 +145,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
 
     async def WatchRounds(  # noqa: N802
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ServerMessage]:
+    ) -> AsyncIterator[pb.ServerMessage | bytes]:
         try:
             self._authenticate(context, request.client_id)
             session = await self.coordinator.attach(request.client_id)
@@ -122,7 +160,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                     why = event.reason
                     yield pb.ServerMessage(finish=pb.Finish(reason=event.reason))
                     return
-                async for message in self._send_round(event):
+                # A fresh token names this download in the shared frame cache.
+                async for message in self._send_round(event, reader=object()):
                     yield message
         finally:
             # After Finish too: a client that finished is no longer connected, so shutdown
@@ -131,18 +170,39 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             level = logging.DEBUG if why == "run complete" else logging.INFO
             log.log(level, "client %s: round stream closed (%s)", session.client_id, why)
 
-    async def _send_round(self, task: RoundTask) -> AsyncIterator[pb.ServerMessage]:
+    def _broadcast_for(self, round_number: int) -> Broadcast:
+        if self._broadcast is None or self._broadcast[0] != round_number:
+            broadcast = Broadcast(
+                self.coordinator.global_state,
+                self.coordinator.manifest,
+                self.coordinator.config.chunk_size_bytes,
+                frame=_chunk_frame,
+                expected_readers=self.coordinator.selected_count(round_number),
+            )
+            self._broadcast = (round_number, broadcast)
+        return self._broadcast[1]
+
+    async def _send_round(
+        self, task: RoundTask, reader: object
+    ) -> AsyncIterator[pb.ServerMessage | bytes]:
         if not self.coordinator.is_open(task.round):
             return
         yield wire.round_start_to_pb(task)
-        sent = 0
-        for chunk in self.coordinator.payload_chunks(task.round):
-            sent += len(chunk)
-            yield pb.ServerMessage(chunk=pb.Chunk(data=chunk))
-        if sent == task.manifest.total_bytes:
-            yield pb.ServerMessage(
-                end=pb.TransferEnd(total_bytes=sent, crc32=self.coordinator.payload_crc)
+        frames = self._broadcast_for(task.round).frames(reader)
+        try:
+            for frame in frames:
+                # A round that closed mid-download (deadline) stops sending: the model
+                # is about to change, and the client waits for the next RoundStart.
+                if not self.coordinator.is_open(task.round):
+                    return
+                yield frame
+        finally:
+            frames.close()
+        yield pb.ServerMessage(
+            end=pb.TransferEnd(
+                total_bytes=task.manifest.total_bytes, crc32=self.coordinator.payload_crc
             )
+        )
 
     async def PushUpdate(  # noqa: N802
         self,
