@@ -4,9 +4,10 @@ Encoding a chunk (gathering its bytes from the tensors, then framing it as a pro
 message) happens once per round, not once per client: the first reader to reach chunk
 ``i`` encodes it, the others send the same bytes. A frame is dropped as soon as every
 expected reader has started and every reader still downloading has passed it, so the
-cache holds only the spread between the fastest and the slowest reader. That spread is capped at ``max_cached_bytes``: a reader
-further behind (a throttled link, a late joiner) encodes its own frames, which costs CPU
-but never memory, so the server stays at about two models whatever the number of clients.
+cache holds only the spread between the fastest and the slowest reader. That spread is
+capped at ``max_cached_bytes``: a reader further behind (a throttled link, a late
+joiner) encodes its own frames, which costs CPU but never memory, so the server stays at
+about two models whatever the number of clients.
 
 All methods run on the event loop; there is no concurrent access.
 """
