@@ -109,8 +109,12 @@ class DeltaAccumulator:
         # sum is bit-identical whichever upload arrives first (a resumed run then
         # reproduces a clean one exactly).
         scaled = self._scratch(values.numel(), target.dtype)
-        scaled.copy_(values.reshape(-1))  # widen first: half * weight would round in half
-        scaled.mul_(weight)
+        flat = values.reshape(-1)
+        if flat.dtype == scaled.dtype:
+            torch.mul(flat, weight, out=scaled)  # one pass
+        else:
+            scaled.copy_(flat)  # widen first: half * weight would round in half
+            scaled.mul_(weight)
         target.add_(scaled)
 
     def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
