@@ -23,6 +23,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,6 +153,7 @@ class CoordinatorConfig:
     server_lr: float
     chunk_size_bytes: int
     spool_memory_bytes: int
+    spool_dir: Path | None
     seed: int
     train: TrainConfig
     run: RunSpec
@@ -326,7 +328,7 @@ class Coordinator:
             state.record_failure(client_id, why)
 
     def new_receiver(self) -> UploadReceiver:
-        return UploadReceiver(self.manifest, self.config.spool_memory_bytes)
+        return UploadReceiver(self.manifest, self.config.spool_memory_bytes, self.config.spool_dir)
 
     async def commit_upload(self, ticket: UploadTicket, receiver: UploadReceiver) -> None:
         """Validate the staged delta, then fold it into the round's sum exactly once."""

@@ -174,6 +174,7 @@ def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
         server_lr=s.server_lr,
         chunk_size_bytes=s.chunk_size_bytes,
         spool_memory_bytes=s.spool_memory_bytes,
+        spool_dir=s.spool_dir,
         seed=s.seed,
         max_clients=s.max_clients,
         train=TrainConfig(

@@ -79,6 +79,9 @@ class ServerSettings(BaseModel):
         description="file of 'client-id token' lines ('*' = shared join token); "
         "clients must present a token",
     )
+    spool_dir: Path | None = Field(
+        None, description="folder for uploads staged on disk (default: the system temp folder)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )
@@ -98,6 +101,8 @@ class ServerSettings(BaseModel):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.spool_dir is not None and not self.spool_dir.is_dir():
+            raise ValueError(f"spool_dir: {self.spool_dir} is not a folder")
         for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():

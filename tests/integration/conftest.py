@@ -40,6 +40,7 @@ def make_config(**overrides: object) -> CoordinatorConfig:
         "server_lr": 1.0,
         "chunk_size_bytes": 16,  # tiny chunks: every transfer spans many messages
         "spool_memory_bytes": 1 << 20,
+        "spool_dir": None,
         "seed": 0,
         "train": TrainConfig(1, 8, 0.1, "sgd", 0.0, 0.0),
         "run": RunSpec("cnn", "digits", 0, 0.2, 2, "iid", 0.5),
