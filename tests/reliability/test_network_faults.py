@@ -53,7 +53,7 @@ def _federation(
 
 def test_cut_connections_reconnect_under_the_same_id(cluster: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    rounds = 6
+    rounds = 12  # room for two cuts and two reconnects even on a loaded machine
     # A few local epochs make each round last longer than a reconnect, so the victim
     # is back in time for the rounds after each cut.
     server, _, proxy, victim = _federation(cluster, out, rounds, 30, "--local-epochs", "3")
