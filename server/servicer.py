@@ -6,6 +6,8 @@ code and the log line names the client and round.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +26,8 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fedstream.v1.Federation"
+DRAIN_SLACK_BYTES = 4 << 20
+DRAIN_TIMEOUT_S = 10.0
 
 _STATUS_BY_REASON = {
     "malformed": grpc.StatusCode.INVALID_ARGUMENT,
@@ -204,6 +208,16 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             )
         )
 
+    async def _drain(self, request_iterator: AsyncIterator[pb.UpdateMessage]) -> None:
+        """Discard what is left of a refused upload, within the model's size and 10 s."""
+        budget = self.coordinator.manifest.total_bytes + DRAIN_SLACK_BYTES
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                async for message in request_iterator:
+                    budget -= message.ByteSize()
+                    if budget < 0:
+                        return
+
     async def PushUpdate(  # noqa: N802
         self,
         request_iterator: AsyncIterator[pb.UpdateMessage],
@@ -259,6 +273,10 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 self.coordinator.upload_failed(
                     header.client_id, header.round, f"bad upload: {error}"
                 )
+            # Refused before the client finished sending: read (and drop) the rest first,
+            # or gRPC's asyncio client reports "Internal error from Core" instead of this
+            # status when its next write finds the call closed (grpc/grpc#36066).
+            await self._drain(request_iterator)
             await context.abort(status_for(error), str(error))
             raise AssertionError("unreachable") from None  # abort always raises
         except BaseException:

@@ -380,3 +380,4 @@ async def test_rejoin_keeps_the_partition_the_client_trains_on(make_harness) -> 
     assert reply.partition_index == 1
     fresh = await FakeClient(harness.stub(), "y").join()
     assert fresh.partition_index == 0  # the shard nobody has taken yet
+
