@@ -50,6 +50,11 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, Any], dict[str, torch.Te
     return int(payload["round"]), dict(payload["meta"]), dict(payload["state_dict"])
 
 
+def _line(record: Mapping[str, Any]) -> str:
+    # Strict JSON: a NaN would make the line unreadable to other tools.
+    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+
+
 class MetricsLog:
     """Append-only JSON lines, one record per round, flushed as each round ends."""
 
@@ -59,8 +64,7 @@ class MetricsLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            # Strict JSON: a NaN would make the line unreadable to other tools.
-            handle.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+            handle.write(_line(record))
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -69,8 +73,7 @@ class MetricsLog:
         kept = [r for r in self.read() if int(r.get("round", 0)) <= last_round]
         temporary = self.path.with_suffix(".tmp")
         with temporary.open("w", encoding="utf-8") as handle:
-            for record in kept:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.writelines(_line(record) for record in kept)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self.path)

@@ -14,12 +14,12 @@ at least ``min_clients`` succeeded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import math
 import random
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedstream.common.codec import Manifest, iter_payload
+from fedstream.common.codec import Manifest, crc32_of
 from fedstream.common.errors import ManifestError, RoundFailed, UploadRejected
 from fedstream.common.messages import RoundTask, RunSpec, TrainConfig, UpdateHeader
 from fedstream.server.aggregate import DeltaAccumulator
@@ -399,7 +399,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         # The model is serialised once per round: one checksum, shared by every download.
-        self.payload_crc = await asyncio.to_thread(self.payload_checksum)
+        self.payload_crc = await asyncio.to_thread(crc32_of, self.global_state, self.manifest)
         # Zeroing the sum writes a model's worth of memory (seconds for a large model):
         # done off the event loop, which meanwhile keeps serving RPCs.
         accumulator = await asyncio.to_thread(DeltaAccumulator, self.manifest)
@@ -414,11 +414,8 @@ class Coordinator:
         state.move_to(RoundPhase.COLLECTING)
         task = RoundTask(
             number,
-            TrainConfig(
-                **{
-                    **self.config.train.__dict__,
-                    "deadline_unix_s": time.time() + self.config.round_timeout_s,
-                }
+            dataclasses.replace(
+                self.config.train, deadline_unix_s=time.time() + self.config.round_timeout_s
             ),
             self.manifest,
         )
@@ -505,12 +502,6 @@ class Coordinator:
         for session in self.sessions.values():
             session.inbox.put_nowait(Finish(reason))
 
-    def payload_checksum(self) -> int:
-        crc = 0
-        for chunk in iter_payload(self.global_state, self.manifest, 16 << 20):
-            crc = zlib.crc32(chunk, crc)
-        return crc
-
 
 def summary_record(summary: RoundSummary) -> dict[str, Any]:
     """A round's metrics as one JSON-serialisable record."""
@@ -523,6 +514,6 @@ def summary_record(summary: RoundSummary) -> dict[str, Any]:
         "test_loss": summary.test_loss,
         "accuracy": summary.accuracy,
         "wall_time_s": summary.wall_time_s,
-        "clients": [r.__dict__ for r in summary.clients],
+        "clients": [dataclasses.asdict(r) for r in summary.clients],
         "time_unix_s": time.time(),
     }

@@ -39,6 +39,15 @@ async def connect(harness: Harness, *client_ids: str) -> list[FakeClient]:
     return clients
 
 
+async def start_round(harness: Harness, *client_ids: str) -> tuple[list[FakeClient], asyncio.Task]:
+    """Connect the clients, start the run and let each receive round 1's model."""
+    clients = await connect(harness, *client_ids)
+    run = asyncio.create_task(harness.coordinator.run())
+    for client in clients:
+        await client.receive_round()
+    return clients, run
+
+
 async def two_clients_in_round(harness: Harness) -> tuple[FakeClient, FakeClient, asyncio.Task]:
     a, b = await connect(harness, "a", "b")
     run = asyncio.create_task(harness.coordinator.run())
@@ -225,10 +234,7 @@ async def test_malformed_upload_gets_specific_status_and_changes_nothing(
 
 async def test_duplicate_upload_is_counted_once(make_harness) -> None:
     harness: Harness = await make_harness(min_clients=2)
-    clients = await connect(harness, "a", "b", "c")
-    run = asyncio.create_task(harness.coordinator.run())
-    for client in clients:
-        await client.receive_round()
+    clients, run = await start_round(harness, "a", "b", "c")
     state = tiny_state()
     first = upload_messages("a", 1, delta_like(state, 4.0), num_examples=10)
     await clients[0].stub.PushUpdate(stream(first))
@@ -244,10 +250,7 @@ async def test_duplicate_upload_is_counted_once(make_harness) -> None:
 
 async def test_disconnect_mid_upload_is_a_failure_and_round_completes(make_harness) -> None:
     harness: Harness = await make_harness(min_clients=2)
-    clients = await connect(harness, "a", "b", "c")
-    run = asyncio.create_task(harness.coordinator.run())
-    for client in clients:
-        await client.receive_round()
+    clients, run = await start_round(harness, "a", "b", "c")
     state = tiny_state()
     messages = upload_messages("a", 1, delta_like(state, 100.0))
     half_sent = asyncio.Event()
@@ -275,10 +278,7 @@ async def test_disconnect_mid_upload_is_a_failure_and_round_completes(make_harne
 
 async def test_client_that_drops_its_round_stream_is_a_failure(make_harness) -> None:
     harness: Harness = await make_harness(min_clients=2)
-    clients = await connect(harness, "a", "b", "c")
-    run = asyncio.create_task(harness.coordinator.run())
-    for client in clients:
-        await client.receive_round()
+    clients, run = await start_round(harness, "a", "b", "c")
     clients[2].watch.cancel()
     await wait_until(lambda: "c" in harness.coordinator.current.failures)
     state = tiny_state()
@@ -352,10 +352,7 @@ async def test_joins_beyond_max_clients_get_resource_exhausted(make_harness) -> 
 
 async def test_second_concurrent_upload_from_one_client_is_refused(make_harness) -> None:
     harness: Harness = await make_harness(min_clients=2)
-    clients = await connect(harness, "a", "b")
-    run = asyncio.create_task(harness.coordinator.run())
-    for client in clients:
-        await client.receive_round()
+    clients, run = await start_round(harness, "a", "b")
     messages = upload_messages("a", 1, delta_like(tiny_state(), 1.0))
     first_open = asyncio.Event()
 
@@ -380,4 +377,3 @@ async def test_rejoin_keeps_the_partition_the_client_trains_on(make_harness) -> 
     assert reply.partition_index == 1
     fresh = await FakeClient(harness.stub(), "y").join()
     assert fresh.partition_index == 0  # the shard nobody has taken yet
-
