@@ -14,6 +14,7 @@ All methods run on the event loop; there is no concurrent access.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -40,46 +41,69 @@ class Broadcast:
         self.num_chunks = -(-manifest.total_bytes // chunk_bytes)
         self._cache: dict[int, bytes] = {}
         self._cached_bytes = 0
-        self._positions: dict[object, int] = {}
+        # How many readers stand at each position, and the lowest such position: kept
+        # incrementally so each step costs O(1), not a scan over every reader.
+        self._at: Counter[int] = Counter()
+        self._slowest = self.num_chunks
+        self._evicted_below = 0
         self._expected = expected_readers
         self._started = 0
         self.encoded_chunks = 0  # how many chunk encodings were done (tests, benchmarks)
 
     def frames(self, reader: object) -> Iterator[bytes]:
         """Every chunk frame in order, for one reader (close the iterator when done)."""
-        self._positions[reader] = 0
+        position = 0
+        self._arrive(position)
         self._started += 1
         try:
             for index in range(self.num_chunks):
                 frame = self._cache.get(index)
                 if frame is None:
                     frame = self._encode(index)
-                self._positions[reader] = index + 1
+                self._leave(position)
+                position = index + 1
+                self._arrive(position)
                 self._evict()
                 yield frame
         finally:
-            self._positions.pop(reader, None)
+            self._leave(position)
             self._evict()
+
+    def _arrive(self, position: int) -> None:
+        self._at[position] += 1
+        self._slowest = min(self._slowest, position)
+
+    def _leave(self, position: int) -> None:
+        self._at[position] -= 1
+        if not self._at[position]:
+            del self._at[position]
+            while self._slowest < self.num_chunks and self._slowest not in self._at:
+                self._slowest += 1
 
     def _encode(self, index: int) -> bytes:
         start = index * self._chunk_bytes
         frame = self._frame(read_payload(self._state, self._manifest, start, self._chunk_bytes))
         self.encoded_chunks += 1
-        # Cache only what another reader may still need, within the cap.
-        behind = self._started < self._expected or any(
-            position <= index for position in self._positions.values()
+        # Cache only what another reader may still need (one not started, one behind, or
+        # one at this same chunk besides the encoder), within the cap.
+        others_need_it = (
+            self._started < self._expected
+            or self._slowest < index
+            or self._at.get(index, 0) > 1
         )
-        if behind and self._cached_bytes + len(frame) <= self._max_cached_bytes:
+        if others_need_it and self._cached_bytes + len(frame) <= self._max_cached_bytes:
             self._cache[index] = frame
             self._cached_bytes += len(frame)
         return frame
 
     def _evict(self) -> None:
-        if not self._cache or self._started < self._expected:
+        if self._started < self._expected:
             return
-        slowest = min(self._positions.values(), default=self.num_chunks)
-        for index in [i for i in self._cache if i < slowest]:
-            self._cached_bytes -= len(self._cache.pop(index))
+        for index in range(self._evicted_below, self._slowest):
+            frame = self._cache.pop(index, None)
+            if frame is not None:
+                self._cached_bytes -= len(frame)
+        self._evicted_below = max(self._evicted_below, self._slowest)
 
     @property
     def cached_bytes(self) -> int:
