@@ -263,8 +263,9 @@ async def test_disconnect_mid_upload_is_a_failure_and_round_completes(make_harne
 
     call = clients[0].stub.PushUpdate(partial())
     await half_sent.wait()
-    await wait_until(lambda: harness.coordinator.current is not None)
-    call.cancel()  # the client vanishes mid-upload
+    # The server has read the header and holds the upload open: now the client vanishes.
+    await wait_until(lambda: "a" in harness.coordinator._uploading)
+    call.cancel()
     await wait_until(lambda: "a" in harness.coordinator.current.failures)
     for client in clients[1:]:
         await client.stub.PushUpdate(
