@@ -117,6 +117,7 @@ class ClientSession:
     partition_index: int
     inbox: asyncio.Queue[RoundTask | Finish] = field(default_factory=asyncio.Queue)
     connected: bool = False
+    told_finish: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,9 +246,18 @@ class Coordinator:
         if self.current is not None:
             self.current.record_failure(session.client_id, why)
 
-    async def wait_all_detached(self) -> None:
-        """Return once no client holds a round stream (used to drain at shutdown)."""
-        while self.connected_clients():
+    def finish_delivered(self, session: ClientSession) -> None:
+        session.told_finish = True
+        self._detached.set()
+
+    async def wait_all_told(self) -> None:
+        """Return once every client that joined has been told the run is over.
+
+        Used to drain at shutdown: a client that was restarting when the last round ended
+        still gets its Finish when it reconnects, instead of retrying until its connect
+        timeout. Callers bound the wait (a client that died for good never comes back).
+        """
+        while not all(session.told_finish for session in self.sessions.values()):
             self._detached.clear()
             await self._detached.wait()
 

@@ -288,7 +288,7 @@ async def _drain(coordinator: Coordinator) -> None:
     """Give clients a moment to receive Finish so they can exit cleanly."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(GRACE_S):
-            await coordinator.wait_all_detached()
+            await coordinator.wait_all_told()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

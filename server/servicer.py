@@ -163,6 +163,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 if isinstance(event, Finish):
                     why = event.reason
                     yield pb.ServerMessage(finish=pb.Finish(reason=event.reason))
+                    if self.coordinator.finished:
+                        self.coordinator.finish_delivered(session)
                     return
                 # A fresh token names this download in the shared frame cache.
                 async for message in self._send_round(event, reader=object()):
