@@ -8,6 +8,7 @@ reconnects is the same client to the server, never a second one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import zlib
@@ -19,7 +20,7 @@ import torch
 from fedstream.client.settings import ClientSettings
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
-from fedstream.common.errors import TransferError
+from fedstream.common.errors import ManifestError, TransferError
 from fedstream.common.messages import (
     PROTOCOL_VERSION,
     RoundTask,
@@ -120,36 +121,67 @@ class ServerConnection:
         )
         return Joined(reply.client_id, wire.run_spec_from_pb(reply.run), reply.partition_index)
 
-    async def rounds(self) -> AsyncIterator[RoundEvent | FinishEvent]:
-        """Yield each round's task with the received global weights, then Finish."""
+    async def rounds(self, expected: Manifest) -> AsyncIterator[RoundEvent | FinishEvent]:
+        """Yield each round's task with the received global weights, then Finish.
+
+        ``expected`` is this client's own model: a RoundStart whose manifest differs from
+        it is refused before anything is allocated for it, since a server may declare any
+        size. Messages that bring no new bytes (empty chunks, messages of no known kind)
+        are not progress: after ``download_stall_timeout_s`` without progress the stream
+        is refused. A silent stream is left alone: an idle server sends nothing.
+        """
         call = self.stub.WatchRounds(
             pb.WatchRequest(client_id=self.client_id), metadata=self._metadata
         )
+        stall_s = self.settings.download_stall_timeout_s
+        clock = asyncio.get_running_loop().time
+        last_progress = clock()
         task: RoundTask | None = None
         assembler: PayloadAssembler | None = None
-        async for message in call:
-            kind = message.WhichOneof("kind")
-            if kind == "round_start":
-                task = wire.round_start_from_pb(message.round_start)
-                # Rounds are handled one at a time: by the next RoundStart the trainer has
-                # copied the last model out, so its buffer can take the next one.
-                assembler = PayloadAssembler(
-                    task.manifest, pin_memory=self._pin, reuse=self._last_buffer
-                )
-                self._last_buffer = assembler.buffer
-            elif kind == "chunk":
-                if assembler is None:
-                    raise TransferError("model chunk before RoundStart")
-                assembler.add(message.chunk.data)
-            elif kind == "end":
-                if task is None or assembler is None:
-                    raise TransferError("TransferEnd before RoundStart")
-                state = assembler.finish(message.end.total_bytes, message.end.crc32)
-                yield RoundEvent(task, state)
-                task, assembler = None, None
-            elif kind == "finish":
-                yield FinishEvent(message.finish.reason)
-                return
+        try:
+            async for message in call:
+                kind = message.WhichOneof("kind")
+                progress = True
+                if kind == "round_start":
+                    task = wire.round_start_from_pb(message.round_start)
+                    difference = expected.describe_difference(task.manifest)
+                    if difference is not None:
+                        raise ManifestError(
+                            f"round {task.round}: the server's model does not match this "
+                            f"client's model ({difference}); refused before allocating"
+                        )
+                    # Rounds are handled one at a time: by the next RoundStart the trainer
+                    # has copied the last model out, so its buffer can take the next one.
+                    assembler = PayloadAssembler(
+                        task.manifest, pin_memory=self._pin, reuse=self._last_buffer
+                    )
+                    self._last_buffer = assembler.buffer
+                elif kind == "chunk":
+                    if assembler is None:
+                        raise TransferError("model chunk before RoundStart")
+                    assembler.add(message.chunk.data)
+                    progress = bool(message.chunk.data)
+                elif kind == "end":
+                    if task is None or assembler is None:
+                        raise TransferError("TransferEnd before RoundStart")
+                    state = assembler.finish(message.end.total_bytes, message.end.crc32)
+                    yield RoundEvent(task, state)
+                    task, assembler = None, None
+                elif kind == "finish":
+                    yield FinishEvent(message.finish.reason)
+                    return
+                else:
+                    progress = False
+                now = clock()
+                if progress:
+                    last_progress = now
+                elif now - last_progress > stall_s:
+                    raise TransferError(
+                        f"no progress for {stall_s:g}s: the server sends messages that carry "
+                        "no model bytes (--download-stall-timeout-s)"
+                    )
+        finally:
+            call.cancel()
 
     async def push_update(
         self,

@@ -32,6 +32,10 @@ RECONNECT_CODES = {
 }
 UPLOAD_ATTEMPTS = 3
 
+# Exit statuses (README, "fl-client"): 0 run complete, 1 server unreachable or refused
+# this client, 2 invalid setting, 3 the server broke the protocol too often, 130 signal.
+EXIT_PROTOCOL = 3
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -79,7 +83,10 @@ async def run_client(settings: ClientSettings) -> int:
     log.info("client %s on %s (%d threads), server %s", client_id, device, threads, settings.server)
     connection = ServerConnection(settings, client_id)
     trainer: LocalTrainer | None = None
+    # Reset only by a verified download, never by a mere Join: a server that accepts every
+    # Join and then sends garbage must not be retried at full speed.
     backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+    protocol_errors = 0
     try:
         while True:
             try:
@@ -90,13 +97,13 @@ async def run_client(settings: ClientSettings) -> int:
                         LocalTrainer, settings, joined.run, joined.partition_index, device
                     )
                 active: LocalTrainer = trainer
-                backoff.reset()
-                async for event in connection.rounds():
+                async for event in connection.rounds(active.manifest):
+                    backoff.reset()
+                    protocol_errors = 0
                     if isinstance(event, FinishEvent):
                         log.info("server finished the run: %s", event.reason)
                         return 0
                     task = event.task
-                    active.check_manifest(task.manifest)
                     log.info("round %d: received global model, training", task.round)
                     update = await asyncio.to_thread(
                         active.train_round, task.round, task.config, event.global_state
@@ -111,7 +118,22 @@ async def run_client(settings: ClientSettings) -> int:
                     await _upload(connection, update, settings, task.round)
                 log.warning("round stream ended without Finish; reconnecting")
             except (TransferError, ManifestError) as error:
-                log.warning("model download failed (%s); reconnecting", error)
+                protocol_errors += 1
+                if protocol_errors >= settings.max_protocol_errors:
+                    log.error(
+                        "giving up: %d refused transfers in a row from server %s (last: %s; "
+                        "--max-protocol-errors)",
+                        protocol_errors,
+                        settings.server,
+                        error,
+                    )
+                    return EXIT_PROTOCOL
+                log.warning(
+                    "model download refused (%d of %d in a row): %s; reconnecting",
+                    protocol_errors,
+                    settings.max_protocol_errors,
+                    error,
+                )
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and trainer is None:
                     log.error(

@@ -52,6 +52,12 @@ class ClientSettings(BaseModel):
     )
     backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(15.0, gt=0, description="longest reconnect delay")
+    max_protocol_errors: int = Field(
+        5, ge=1, description="give up (exit status 3) after this many refused downloads in a row"
+    )
+    download_stall_timeout_s: float = Field(
+        60.0, gt=0, description="refuse a model download that brings no new bytes for this long"
+    )
     chunk_size_bytes: int = Field(
         1 << 20, ge=1024, le=3 << 20, description="tensor bytes per streamed message"
     )

@@ -9,7 +9,6 @@ import torch
 from fedstream.client.settings import ClientSettings
 from fedstream.common.codec import Manifest
 from fedstream.common.data import Splits, load_dataset
-from fedstream.common.errors import ConfigError
 from fedstream.common.messages import RunSpec, TrainConfig, TrainReport
 from fedstream.common.models import build_model
 from fedstream.common.partition import shard_indices
@@ -60,13 +59,6 @@ class LocalTrainer:
             len(self.y),
             device,
         )
-
-    def check_manifest(self, manifest: Manifest) -> None:
-        difference = self.manifest.describe_difference(manifest)
-        if difference is not None:
-            raise ConfigError(
-                f"the server's model does not match this client's model: {difference}"
-            )
 
     def effective_config(self, config: TrainConfig) -> TrainConfig:
         s = self.settings
