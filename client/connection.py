@@ -1,9 +1,11 @@
 """gRPC adapter of the client: join, receive rounds, upload deltas, survive reconnects.
 
-Connecting waits for the server with capped exponential backoff (gRPC's own reconnect
-backoff, configured from the settings, plus ``wait_for_ready``), so clients may start
-before the server. The client id is fixed for the life of the process, so a client that
-reconnects is the same client to the server, never a second one.
+Each Join is one attempt that fails fast when the server cannot be reached; the caller
+retries with capped exponential backoff for up to ``connect_timeout_s`` and logs every
+retry with its cause (:meth:`ServerConnection.failure_cause` reads gRPC's error details
+to tell a refused connection from a TLS or certificate mistake). The client id is fixed
+for the life of the process, so a client that reconnects is the same client to the
+server, never a second one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from fedstream.client.settings import ClientSettings
+from fedstream.client.settings import ClientSettings, split_host_port
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
 from fedstream.common.errors import ManifestError, TransferError
@@ -34,6 +36,7 @@ from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 << 20
+JOIN_ATTEMPT_TIMEOUT_S = 30.0  # one Join: a server that accepts but never answers is down
 
 
 @dataclass(frozen=True)
@@ -108,18 +111,67 @@ class ServerConnection:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def join(self, partition_index: int | None = None) -> Joined:
-        """Register with the server, waiting up to ``connect_timeout_s`` for it to be up."""
+    async def join(
+        self, partition_index: int | None = None, timeout_s: float = JOIN_ATTEMPT_TIMEOUT_S
+    ) -> Joined:
+        """Register with the server: one attempt, UNAVAILABLE at once when it is down."""
         request = pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION)
         if partition_index is not None:
             request.partition_index = partition_index
         reply = await self.stub.Join(
-            request,
-            wait_for_ready=True,
-            timeout=self.settings.connect_timeout_s,
-            metadata=self._metadata,
+            request, timeout=min(timeout_s, JOIN_ATTEMPT_TIMEOUT_S), metadata=self._metadata
         )
         return Joined(reply.client_id, wire.run_spec_from_pb(reply.run), reply.partition_index)
+
+    def failure_cause(self, error: grpc.aio.AioRpcError) -> str:
+        """Why a call failed, in the operator's terms (a TLS mistake is not a down server).
+
+        gRPC reports every failure to connect as UNAVAILABLE; what went wrong is only in
+        its details text, so this matches the phrases gRPC core and BoringSSL use.
+        """
+        s, details = self.settings, error.details() or ""
+        host, _ = split_host_port(s.server)
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "no answer in time (the server accepts connections but does not respond)"
+        if "resolving" in details or "Domain name not found" in details:
+            return f"host {host!r} does not resolve (DNS)"
+        if "Connection refused" in details:
+            return f"connection refused: nothing listens on {s.server}"
+        if "Hostname Verification" in details or "No match found for server name" in details:
+            name = s.tls_server_name or host
+            return (
+                f"TLS: the server's certificate does not name {name!r} (name mismatch; set "
+                "--tls-server-name to a name the certificate holds)"
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            if "expired" in details:
+                return "TLS: the server's certificate has expired"
+            return (
+                f"TLS: the server's certificate is not signed by a CA in --tls-ca {s.tls_ca} "
+                "(unknown CA)"
+            )
+        if "WRONG_VERSION_NUMBER" in details:
+            return (
+                "TLS: the server does not speak TLS (leave out --tls-ca, or start fl-server "
+                "with --tls-cert and --tls-key)"
+            )
+        if "failed to connect" in details and "Socket closed" in details:
+            # The server hung up during the handshake; BoringSSL tells only the server why.
+            if s.tls_ca is None:
+                return (
+                    "the server closed the connection at once: it may serve TLS only "
+                    "(pass --tls-ca)"
+                )
+            if s.tls_cert is None:
+                return (
+                    "the server closed the connection during the TLS handshake: it may "
+                    "require a client certificate (mutual TLS: pass --tls-cert and --tls-key)"
+                )
+            return (
+                "the server closed the connection during the TLS handshake: it may not "
+                "trust this client's certificate (--tls-cert)"
+            )
+        return f"{error.code().name}: {details}"
 
     async def rounds(self, expected: Manifest) -> AsyncIterator[RoundEvent | FinishEvent]:
         """Yield each round's task with the received global weights, then Finish.
@@ -202,4 +254,6 @@ class ServerConnection:
                 yield pb.UpdateMessage(chunk=pb.Chunk(data=chunk))
             yield pb.UpdateMessage(end=pb.TransferEnd(total_bytes=sent, crc32=crc))
 
-        await self.stub.PushUpdate(messages(), wait_for_ready=True, metadata=self._metadata)
+        # No wait_for_ready: a server that is gone fails the upload at once (the caller
+        # retries), instead of holding the client until it comes back.
+        await self.stub.PushUpdate(messages(), metadata=self._metadata)

@@ -87,11 +87,16 @@ async def run_client(settings: ClientSettings) -> int:
     # Join and then sends garbage must not be retried at full speed.
     backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
     protocol_errors = 0
+    clock = asyncio.get_running_loop().time
+    unreachable_since: float | None = None  # the first failed call since the last Join
     try:
         while True:
+            joining = True
             try:
                 hint = settings.partition_index if trainer is None else trainer.partition[0]
-                joined = await connection.join(hint)
+                waited = 0.0 if unreachable_since is None else clock() - unreachable_since
+                joined = await connection.join(hint, settings.connect_timeout_s - waited)
+                unreachable_since, joining = None, False
                 if trainer is None:
                     trainer = await asyncio.to_thread(
                         LocalTrainer, settings, joined.run, joined.partition_index, device
@@ -135,19 +140,33 @@ async def run_client(settings: ClientSettings) -> int:
                     error,
                 )
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and trainer is None:
-                    log.error(
-                        "server %s unreachable for %.0fs; giving up",
-                        settings.server,
-                        settings.connect_timeout_s,
-                    )
-                    return 1
                 if error.code() not in RECONNECT_CODES:
                     log.error(
                         "server refused this client: %s %s", error.code().name, error.details()
                     )
                     return 1
-                log.warning("connection lost (%s); reconnecting", error.code().name)
+                cause = connection.failure_cause(error)
+                now = clock()
+                unreachable_since = now if unreachable_since is None else unreachable_since
+                delay = backoff.next_delay()
+                if now + delay - unreachable_since > settings.connect_timeout_s:
+                    log.error(
+                        "server %s unreachable for %gs; giving up (--connect-timeout; last "
+                        "cause: %s)",
+                        settings.server,
+                        settings.connect_timeout_s,
+                        cause,
+                    )
+                    return 1
+                log.warning(
+                    "%s server %s: %s; retrying in %.1fs",
+                    "cannot join" if joining else "connection lost to",
+                    settings.server,
+                    cause,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
             await asyncio.sleep(backoff.next_delay())
     finally:
         await connection.close()

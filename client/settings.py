@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 ENV_PREFIX = "FL_CLIENT_"
+
+# A host name (RFC 1123 labels; '_' too, as container service names use it), an IPv4
+# address, or an IPv6 address in brackets, then a port.
+_HOST_NAME = re.compile(
+    r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*$"
+)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as (host, port); ValueError says what is wrong."""
+    if "://" in address or address.startswith(("dns:", "unix:", "ipv4:", "ipv6:")):
+        raise ValueError(f"{address!r}: give host:port without a scheme (e.g. server:50051)")
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{address!r} is not host:port ([IPv6]:port for IPv6)")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{address!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep:
+            raise ValueError(f"{address!r} is not host:port (e.g. {address}:50051)")
+        if ":" in host:
+            raise ValueError(f"{address!r}: put an IPv6 address in brackets, e.g. [::1]:50051")
+        if not _HOST_NAME.match(host):
+            raise ValueError(f"{address!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r}: port {port!r} is not a number from 1 to 65535")
+    return host, int(port)
 
 
 class ClientSettings(BaseModel):
@@ -76,6 +109,12 @@ class ClientSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )
+
+    @field_validator("server")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ClientSettings:

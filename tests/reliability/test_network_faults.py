@@ -16,7 +16,7 @@ import pytest
 from fedstream.common.codec import Manifest
 
 from tests.faultproxy import FaultProxy
-from tests.procs import Cluster, Proc
+from tests.procs import Cluster, Proc, client_argv, free_port
 from tests.reliability.federation import (
     check_checkpoint_finite,
     check_history,
@@ -136,3 +136,20 @@ def test_stall_longer_than_the_round_timeout_is_a_failure(cluster: Cluster, tmp_
     stalled = history[target - 1]
     assert clients_of(stalled) == {"c0", "c1"}
     assert "no upload within" in stalled["failures"]["victim"]
+
+
+def test_an_unreachable_server_is_retried_with_each_cause_logged(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    port = free_port()  # nothing listens there
+    client = cluster.start(
+        "client",
+        client_argv("--server", f"127.0.0.1:{port}", "--client-id", "early",
+                    "--connect-timeout", "3", "--backoff-initial-s", "0.2",
+                    "--backoff-max-s", "0.5"),
+    )  # fmt: skip
+    assert client.wait(timeout=60) == 1, client.output()
+    retries = [line for line in client.output().splitlines() if "retrying in" in line]
+    assert len(retries) >= 2, client.output()
+    assert all("connection refused" in line for line in retries), retries
+    client.wait_for(rf"127\.0\.0\.1:{port} unreachable for 3s; giving up")

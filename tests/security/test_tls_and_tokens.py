@@ -118,3 +118,44 @@ def test_server_warns_when_listening_beyond_loopback_without_tls(cluster: Cluste
                     *ONE_ROUND, "--join-timeout", "1"),
     )  # fmt: skip
     server.wait_for(r"listening on 0\.0\.0\.0 without TLS", timeout=120)
+
+
+def test_tls_mistakes_are_named_not_reported_as_an_unreachable_server(
+    cluster: Cluster, tmp_path: Path, ca: CertificateAuthority
+):
+    server_pair = ca.issue("localhost", server=True)
+    client_pair = ca.issue("trusted-client", server=False)
+    stranger = CertificateAuthority(tmp_path / "other-pki", "another CA")
+    server, port = start_fl_server(
+        cluster, tmp_path / "run", *ONE_ROUND,
+        "--tls-cert", str(server_pair.cert), "--tls-key", str(server_pair.key),
+        "--tls-client-ca", str(ca.bundle),
+    )  # fmt: skip
+    with_cert = ("--tls-cert", str(client_pair.cert), "--tls-key", str(client_pair.key))
+    mistakes = {
+        "name-mismatch": (
+            ("--tls-ca", str(ca.bundle), "--tls-server-name", "wrong.example", *with_cert),
+            r"certificate does not name 'wrong\.example'",
+        ),
+        "unknown-ca": (
+            ("--tls-ca", str(stranger.bundle), *with_cert),
+            r"not signed by a CA in --tls-ca",
+        ),
+        "no-client-cert": (("--tls-ca", str(ca.bundle)), r"may require a client certificate"),
+        "plain": ((), r"may serve TLS only \(pass --tls-ca\)"),
+    }
+    clients = {
+        name: cluster.start(
+            name,
+            # 127.0.0.1 (in the certificate too): "localhost" may try ::1 first, where
+            # nothing listens, and a refused connection is not what this test is about.
+            client_argv("--server", f"127.0.0.1:{port}", "--client-id", name,
+                        "--connect-timeout", "3", "--backoff-initial-s", "0.2", *flags),
+        )  # fmt: skip
+        for name, (flags, _) in mistakes.items()
+    }
+    for name, (_, cause) in mistakes.items():
+        client = clients[name]
+        assert client.wait(timeout=60) == 1, client.output()
+        client.wait_for(rf"retrying in .*{cause}|{cause}.*retrying in")  # each retry says why
+        client.wait_for(rf"unreachable for .*giving up.*{cause}")

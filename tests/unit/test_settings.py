@@ -258,6 +258,43 @@ def test_invalid_client_value_names_the_field(field: str, value: str) -> None:
         load_settings(ClientSettings, CLIENT_PREFIX, {field: value}, None, {})
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("localhost", "host:port"),
+        ("127.0.0.1:abc", "port"),
+        ("127.0.0.1:0", "port"),
+        ("127.0.0.1:70000", "port"),
+        ("http://127.0.0.1:50051", "without a scheme"),
+        ("dns:///server:50051", "without a scheme"),
+        ("::1:50051", "brackets"),
+        ("[::1:50051", "host:port"),
+        ("[zz::1]:50051", "IPv6"),
+        ("bad host:50051", "host"),
+        (":50051", "host"),
+    ],
+)
+def test_server_address_must_be_host_and_port(value: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=f"server:.*{why}"):
+        load_settings(ClientSettings, CLIENT_PREFIX, {"server": value}, None, {})
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["localhost:50051", "127.0.0.1:1", "[::1]:50051", "server:50051", "fl_server.example.org:443"],
+)
+def test_server_address_in_host_port_form_is_accepted(value: str) -> None:
+    settings = load_settings(ClientSettings, CLIENT_PREFIX, {"server": value}, None, {})
+    assert settings.server == value
+
+
+def test_client_main_with_a_malformed_server_exits_2_naming_the_field(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert client_main.main(["--server", "localhost"]) == 2
+    assert "server" in capsys.readouterr().err
+
+
 def test_unknown_client_toml_key_is_refused(tmp_path: Path) -> None:
     config = write_toml(tmp_path, "rounds = 3\n")  # a server setting, not a client one
     with pytest.raises(ConfigError, match="rounds"):
