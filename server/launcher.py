@@ -4,23 +4,32 @@ Starts one ``fl-server`` and K ``fl-client`` processes (fresh interpreters, neve
 after torch or gRPC start), gives client i GPU ``i mod #GPUs`` when GPUs exist, else an
 equal share of the CPU cores, prefixes every output line with the process's role, and
 on Ctrl-C or SIGTERM stops them all: SIGTERM to each process group, SIGKILL after a grace
-period. Exits with the server's exit status (or 1 if a client failed).
+period. It supervises them all at once: when the server exits, the clients get a moment
+to take their Finish and are then stopped; when every client has exited, the server is
+stopped (or, if they all finished cleanly, given a moment to finish too). It then names
+each process that failed, with its exit status and the last lines of its output. Exits
+with the server's exit status, or 1 if a client failed or the clients all left early.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 GRACE_S = 10.0
+TAIL_LINES = 10  # lines of a failed process's output repeated in the report
 
 
 @dataclass
@@ -28,6 +37,9 @@ class Child:
     role: str
     process: subprocess.Popen[bytes]
     pump: threading.Thread
+    tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=TAIL_LINES)
+    )
 
 
 def free_port() -> int:
@@ -36,16 +48,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _pump(role: str, stream: IO[bytes], lock: threading.Lock) -> None:
+def _pump(
+    role: str,
+    stream: IO[bytes],
+    lock: threading.Lock,
+    tail: collections.deque[str],
+    process: subprocess.Popen[bytes],
+    exited: queue.Queue[str],
+) -> None:
+    """Relay one child's output with its role prefix, then report its exit."""
     prefix = f"[{role}] ".encode()
     for line in iter(stream.readline, b""):
+        tail.append(line.decode(errors="replace").rstrip("\n"))
         with lock:
             sys.stdout.buffer.write(prefix + line)
             sys.stdout.buffer.flush()
     stream.close()
+    process.wait()
+    exited.put(role)
 
 
-def _spawn(role: str, argv: list[str], lock: threading.Lock, env: dict[str, str]) -> Child:
+def _spawn(
+    role: str,
+    argv: list[str],
+    lock: threading.Lock,
+    env: dict[str, str],
+    exited: queue.Queue[str],
+) -> Child:
     process = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -54,9 +83,12 @@ def _spawn(role: str, argv: list[str], lock: threading.Lock, env: dict[str, str]
         env=env,
     )
     assert process.stdout is not None
-    pump = threading.Thread(target=_pump, args=(role, process.stdout, lock), daemon=True)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    pump = threading.Thread(
+        target=_pump, args=(role, process.stdout, lock, tail, process, exited), daemon=True
+    )
     pump.start()
-    return Child(role, process, pump)
+    return Child(role, process, pump, tail)
 
 
 def _gpu_count() -> int:
@@ -97,9 +129,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stop_all(children: Sequence[Child]) -> None:
+def _wait_until_exited(
+    children: Sequence[Child], exited: queue.Queue[str], timeout_s: float
+) -> None:
+    """Wait up to ``timeout_s`` for every one of ``children`` to exit by itself."""
+    deadline = time.monotonic() + timeout_s
+    while any(c.process.poll() is None for c in children):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        with contextlib.suppress(queue.Empty):
+            exited.get(timeout=remaining)
+
+
+def supervise(children: Sequence[Child], exited: queue.Queue[str]) -> set[str]:
+    """Return when the server has exited or every client has, then stop the rest.
+
+    A clean end (the server says the run is complete) lets the others exit by
+    themselves within the grace period; anything else stops them at once. Returns the
+    roles of the processes that had to be stopped.
+    """
+    server, clients = children[0], children[1:]
+    while True:
+        exited.get()
+        if server.process.poll() is not None:
+            if server.process.returncode == 0:
+                _wait_until_exited(clients, exited, GRACE_S)
+            break
+        if all(c.process.poll() is not None for c in clients):
+            if all(c.process.returncode == 0 for c in clients):
+                _wait_until_exited([server], exited, GRACE_S * 3)
+            break
+    return stop_all(children)
+
+
+def report(children: Sequence[Child], stopped: set[str]) -> list[str]:
+    """One paragraph per process that failed: role, exit status, last lines."""
+    lines = []
+    for child in children:
+        code = child.process.returncode
+        if code == 0:
+            continue
+        if child.role in stopped:
+            lines.append(f"fl-local: {child.role} was still running; stopped")
+            continue
+        what = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        lines.append(f"fl-local: {child.role} {what}; its last lines:")
+        lines.extend(f"    {line}" for line in child.tail)
+    return lines
+
+
+def stop_all(children: Sequence[Child]) -> set[str]:
+    """SIGTERM every running child's process group, SIGKILL after GRACE_S; who was hit."""
+    stopped = set()
     for child in children:
         if child.process.poll() is None:
+            stopped.add(child.role)
             os.killpg(child.process.pid, signal.SIGTERM)
     for child in children:
         try:
@@ -107,6 +192,7 @@ def stop_all(children: Sequence[Child]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(child.process.pid, signal.SIGKILL)
             child.process.wait()
+    return stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpus = 0 if args.cpu else _gpu_count()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     placement = client_placement(args.clients, gpus, cores or 1)
-    children = [_spawn("server", server_argv, lock, env)]
+    exited: queue.Queue[str] = queue.Queue()
+    children = [_spawn("server", server_argv, lock, env, exited)]
     interrupted = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -144,14 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--partition-index", str(i), *device_flags,
                 "--log-level", "INFO" if args.verbose else "WARNING",
             ]  # fmt: skip
-            children.append(_spawn(f"client-{i}", client_argv, lock, env))
-        server_code = children[0].process.wait()
-        client_codes = []
-        for child in children[1:]:
-            try:
-                client_codes.append(child.process.wait(timeout=GRACE_S * 3))
-            except subprocess.TimeoutExpired:
-                client_codes.append(-1)
+            children.append(_spawn(f"client-{i}", client_argv, lock, env, exited))
+        stopped = supervise(children, exited)
     except KeyboardInterrupt:
         print("fl-local: stopping all processes", file=sys.stderr)
         stop_all(children)
@@ -160,9 +241,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_all(children)
         for child in children:
             child.pump.join(timeout=2)
-    if server_code != 0:
-        return server_code
-    failed = [c.role for c, code in zip(children[1:], client_codes, strict=True) if code != 0]
+    return outcome(children, stopped)
+
+
+def outcome(children: Sequence[Child], stopped: set[str]) -> int:
+    """Print who failed and why; the server's status, else 1 if anyone failed, else 0."""
+    for line in report(children, stopped):
+        print(line, file=sys.stderr)
+    server, clients = children[0], children[1:]
+    if "server" in stopped:
+        print("fl-local: every client exited before the run ended", file=sys.stderr)
+        return 1
+    if server.process.returncode != 0:
+        return server.process.returncode
+    failed = [c.role for c in clients if c.process.returncode != 0]
     if failed:
         print(f"fl-local: clients exited with errors: {', '.join(failed)}", file=sys.stderr)
         return 1

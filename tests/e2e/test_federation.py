@@ -14,7 +14,7 @@ from fedstream.common.models import build_model
 from fedstream.common.training import evaluate
 from fedstream.server.checkpoint import load_checkpoint
 
-from tests.procs import Cluster, client_argv, free_port, read_metrics, server_argv
+from tests.procs import Cluster, Proc, client_argv, free_port, read_metrics, server_argv
 from tests.procs import start_fl_server as start_server
 
 pytestmark = pytest.mark.e2e
@@ -200,3 +200,36 @@ def test_ctrl_c_stops_the_whole_local_federation(cluster: Cluster, tmp_path: Pat
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
             f"/proc/{pid}/status"
         ).read_text(), f"process {pid} survived Ctrl-C"
+
+
+def _launcher(cluster: Cluster, tmp_path: Path, clients: int, *server_flags: str,
+              env: dict[str, str] | None = None) -> Proc:
+    return cluster.start(
+        "fl-local",
+        [sys.executable, "-m", "fedstream.server.launcher", "--clients", str(clients),
+         "--rounds", "2", "--out", str(tmp_path / "run"), "--", *server_flags],
+        env,
+    )  # fmt: skip
+
+
+def test_local_launcher_stops_when_every_client_has_died(cluster: Cluster, tmp_path: Path):
+    # FL_CLIENT_* reaches only the clients: each exits 2 at start, the server would wait
+    # its whole --join-timeout for them.
+    launcher = _launcher(cluster, tmp_path, 2, env={"FL_CLIENT_BATCH_SIZE": "0"})
+    assert launcher.wait(timeout=90) == 1, launcher.output()
+    output = launcher.output()
+    for role in ("client-0", "client-1"):
+        assert f"fl-local: {role} exited with status 2; its last lines:" in output
+    assert "batch_size" in output.split("its last lines:", 1)[1]  # the client's own words
+    assert "fl-local: every client exited before the run ended" in output
+
+
+def test_local_launcher_stops_the_clients_when_the_server_exits_at_start(
+    cluster: Cluster, tmp_path: Path
+):
+    launcher = _launcher(cluster, tmp_path, 4, "--round-timeout", "-1")
+    # Before, each client was given 30 s to exit by itself: two minutes for four.
+    assert launcher.wait(timeout=60) == 2, launcher.output()
+    output = launcher.output()
+    assert "fl-local: server exited with status 2; its last lines:" in output
+    assert "round_timeout" in output
