@@ -25,6 +25,7 @@ from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
 from fedstream.common.errors import ManifestError, TransferError
 from fedstream.common.messages import (
     PROTOCOL_VERSION,
+    FinishKind,
     RoundTask,
     RunSpec,
     TrainReport,
@@ -55,6 +56,7 @@ class RoundEvent:
 @dataclass(frozen=True)
 class FinishEvent:
     reason: str
+    kind: FinishKind
 
 
 class Backoff:
@@ -220,7 +222,9 @@ class ServerConnection:
                     yield RoundEvent(task, state)
                     task, assembler = None, None
                 elif kind == "finish":
-                    yield FinishEvent(message.finish.reason)
+                    yield FinishEvent(
+                        message.finish.reason, wire.finish_kind_from_pb(message.finish)
+                    )
                     return
                 else:
                     progress = False

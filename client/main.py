@@ -19,6 +19,7 @@ from fedstream.client.trainer import LocalTrainer, LocalUpdate
 from fedstream.common.config import add_flags, parse_into
 from fedstream.common.errors import ConfigError, ManifestError, TransferError
 from fedstream.common.logs import setup_logging
+from fedstream.common.messages import FinishKind
 
 log = logging.getLogger("fedstream.client")
 
@@ -106,8 +107,26 @@ async def run_client(settings: ClientSettings) -> int:
                     backoff.reset()
                     protocol_errors = 0
                     if isinstance(event, FinishEvent):
-                        log.info("server finished the run: %s", event.reason)
-                        return 0
+                        if event.kind is FinishKind.RUN_COMPLETE:
+                            log.info("server finished the run: %s", event.reason)
+                            return 0
+                        if event.kind is FinishKind.REPLACED:
+                            log.error(
+                                "another connection took over client id %s (%s); exiting",
+                                client_id,
+                                event.reason,
+                            )
+                            return 1
+                        # Stopped before the run is complete: wait for the server (a
+                        # restart resumes from its checkpoint) within --connect-timeout.
+                        log.warning(
+                            "server stopping before the run is complete (%s); waiting up to "
+                            "%gs for it to come back",
+                            event.reason,
+                            settings.connect_timeout_s,
+                        )
+                        unreachable_since = clock()
+                        break
                     task = event.task
                     log.info("round %d: received global model, training", task.round)
                     update = await asyncio.to_thread(
@@ -121,7 +140,8 @@ async def run_client(settings: ClientSettings) -> int:
                         update.report.train_finished_unix_s - update.report.train_started_unix_s,
                     )
                     await _upload(connection, update, settings, task.round)
-                log.warning("round stream ended without Finish; reconnecting")
+                else:
+                    log.warning("round stream ended without Finish; reconnecting")
             except (TransferError, ManifestError) as error:
                 protocol_errors += 1
                 if protocol_errors >= settings.max_protocol_errors:

@@ -3,6 +3,7 @@ transport adapters; ``fedstream.common.wire`` converts between the two)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from fedstream.common.codec import Manifest
@@ -59,3 +60,11 @@ class UpdateHeader:
     num_examples: int
     manifest: Manifest
     report: TrainReport
+
+
+class FinishKind(enum.Enum):
+    """Why the server ends a client's round stream, and so what the client does next."""
+
+    RUN_COMPLETE = "run_complete"  # every round ran: the client exits 0
+    SERVER_STOPPING = "server_stopping"  # stopped early: the client waits and reconnects
+    REPLACED = "replaced"  # a newer stream under the same client id took over

@@ -105,3 +105,23 @@ def update_header_from_pb(message: pb.UpdateHeader) -> m.UpdateHeader:
         manifest=manifest_from_pb(message.manifest),
         report=dataclasses.replace(report, device=report.device[:64]),
     )
+
+
+_FINISH_KINDS = {
+    m.FinishKind.RUN_COMPLETE: pb.FINISH_RUN_COMPLETE,
+    m.FinishKind.SERVER_STOPPING: pb.FINISH_SERVER_STOPPING,
+    m.FinishKind.REPLACED: pb.FINISH_REPLACED,
+}
+
+
+def finish_to_pb(reason: str, kind: m.FinishKind) -> pb.ServerMessage:
+    return pb.ServerMessage(finish=pb.Finish(reason=reason, kind=_FINISH_KINDS[kind]))
+
+
+def finish_kind_from_pb(message: pb.Finish) -> m.FinishKind:
+    """UNSPECIFIED (a server older than the field) and unknown values mean what Finish
+    always meant before: the run is complete."""
+    for kind, value in _FINISH_KINDS.items():
+        if message.kind == value:
+            return kind
+    return m.FinishKind.RUN_COMPLETE

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from fedstream.common.codec import Manifest, crc32_of
 from fedstream.common.errors import ManifestError, RoundFailed, UploadRejected
-from fedstream.common.messages import RoundTask, RunSpec, TrainConfig, UpdateHeader
+from fedstream.common.messages import FinishKind, RoundTask, RunSpec, TrainConfig, UpdateHeader
 from fedstream.server.aggregate import DeltaAccumulator
 from fedstream.server.upload import UploadReceiver
 
@@ -65,6 +65,7 @@ _TRANSITIONS = {
 @dataclass(frozen=True)
 class Finish:
     reason: str
+    kind: FinishKind = FinishKind.RUN_COMPLETE
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class Coordinator:
         self.current: RoundState | None = None
         self.payload_crc = 0
         self.finished = False
+        self._finish: Finish | None = None  # what every client is told once the run ends
         self._membership = asyncio.Condition()
         self._fold_lock = asyncio.Lock()
         self._uploading: set[str] = set()
@@ -230,12 +232,12 @@ class Coordinator:
             raise UploadRejected(f"client {client_id!r} has not joined", reason="unknown_client")
         if session.connected:
             # A reconnect raced the old stream's teardown: the newest stream wins.
-            session.inbox.put_nowait(Finish("replaced by a newer connection"))
+            session.inbox.put_nowait(Finish("replaced by a newer connection", FinishKind.REPLACED))
             session.inbox = asyncio.Queue()
         session.connected = True
         log.debug("client %s is waiting for rounds", client_id)
-        if self.finished:
-            session.inbox.put_nowait(Finish("run complete"))
+        if self._finish is not None:
+            session.inbox.put_nowait(self._finish)
         async with self._membership:
             self._membership.notify_all()
         return session
@@ -500,17 +502,20 @@ class Coordinator:
                         f"than {self.config.min_clients} clients reported"
                     )
         finally:
-            self.finish(
-                "run complete"
-                if len(summaries) + self.first_round > self.config.rounds
-                else "run stopped"
-            )
+            if len(summaries) + self.first_round > self.config.rounds:
+                self.finish("run complete", FinishKind.RUN_COMPLETE)
+            else:
+                self.finish("run stopped before its last round", FinishKind.SERVER_STOPPING)
         return summaries
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, kind: FinishKind) -> None:
+        """Tell every client the run is over for this server; the first call decides."""
+        if self._finish is not None:
+            return
         self.finished = True
+        self._finish = Finish(reason, kind)
         for session in self.sessions.values():
-            session.inbox.put_nowait(Finish(reason))
+            session.inbox.put_nowait(self._finish)
 
 
 def summary_record(summary: RoundSummary) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from fedstream.common.config import add_flags, parse_into
 from fedstream.common.data import Splits, load_dataset
 from fedstream.common.errors import ConfigError, RoundFailed
 from fedstream.common.logs import setup_logging
-from fedstream.common.messages import RunSpec, TrainConfig
+from fedstream.common.messages import FinishKind, RunSpec, TrainConfig
 from fedstream.common.models import build_model
 from fedstream.common.training import evaluate
 from fedstream.server.auth import TokenTable, server_credentials
@@ -274,7 +274,7 @@ async def serve(settings: ServerSettings) -> int:
         code = 1
     except asyncio.CancelledError:
         log.warning("stopping on signal")
-        coordinator.finish("server stopping")
+        coordinator.finish("server stopping on a signal", FinishKind.SERVER_STOPPING)
         code = 130
     finally:
         await health_servicer.enter_graceful_shutdown()

@@ -162,7 +162,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 event = await session.inbox.get()
                 if isinstance(event, Finish):
                     why = event.reason
-                    yield pb.ServerMessage(finish=pb.Finish(reason=event.reason))
+                    yield wire.finish_to_pb(event.reason, event.kind)
                     if self.coordinator.finished:
                         self.coordinator.finish_delivered(session)
                     return

@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_KIND_UNSPECIFIED: _ClassVar[FinishKind]
+    FINISH_RUN_COMPLETE: _ClassVar[FinishKind]
+    FINISH_SERVER_STOPPING: _ClassVar[FinishKind]
+    FINISH_REPLACED: _ClassVar[FinishKind]
+FINISH_KIND_UNSPECIFIED: FinishKind
+FINISH_RUN_COMPLETE: FinishKind
+FINISH_SERVER_STOPPING: FinishKind
+FINISH_REPLACED: FinishKind
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -113,10 +125,12 @@ class TransferEnd(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class Finish(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "kind")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    kind: FinishKind
+    def __init__(self, reason: _Optional[str] = ..., kind: _Optional[_Union[FinishKind, str]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("round_start", "chunk", "end", "finish")
