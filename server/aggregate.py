@@ -13,7 +13,7 @@ server holds one sum whatever the number of clients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from fedstream.common.codec import Manifest, TensorSpec
@@ -167,3 +167,17 @@ class DeltaAccumulator:
                     window.add_(step, alpha=server_lr)
                 else:
                     window.add_(step)
+
+    def average_blocks(self, block_elements: int) -> Iterator[tuple[TensorSpec, int, torch.Tensor]]:
+        """(spec, first element, average) of every tensor, ``block_elements`` at a time.
+
+        The average is the sum divided by the total weight in the sum's own (wide) dtype,
+        the same division ``apply_to`` does before casting back: a strategy's server
+        optimizer applies these blocks to the model.
+        """
+        if self.total_weight <= 0:
+            raise ValueError("no delta has been folded")
+        for spec in self.manifest.specs:
+            total = self._sums[spec.name]
+            for start in range(0, total.numel(), block_elements):
+                yield spec, start, total[start : start + block_elements] / self.total_weight

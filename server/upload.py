@@ -14,6 +14,7 @@ import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import IO
 
@@ -167,6 +168,44 @@ class UploadReceiver:
                     raise UploadRejected(f"staged upload of tensor {spec.name!r} is truncated")
                 yield spec.name, done, torch.frombuffer(block, dtype=spec.torch_dtype, count=count)
                 done += count
+
+    @cached_property
+    def _layout(self) -> dict[str, tuple[TensorSpec, int]]:
+        return {
+            spec.name: (spec, offset)
+            for spec, offset in zip(self.manifest.specs, self.manifest.offsets, strict=True)
+        }
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Fill ``out`` with elements [start, start + out.numel()) of staged tensor ``name``.
+
+        Random access for strategies that reduce staged uploads block by block (a robust
+        rule reads the same block of every client's upload). ``out`` is a contiguous 1-D
+        tensor of the tensor's dtype; the bytes go straight into its memory.
+        """
+        if not self.complete:
+            raise UploadRejected("upload is not complete")
+        if name not in self._layout:
+            raise KeyError(f"staged upload has no tensor {name!r}")
+        spec, offset = self._layout[name]
+        count = out.numel()
+        if out.dtype != spec.torch_dtype or out.dim() != 1 or not out.is_contiguous():
+            raise ValueError(
+                f"tensor {name!r}: read needs a contiguous 1-D {spec.dtype} tensor, got "
+                f"{out.dtype} of shape {tuple(out.shape)}"
+            )
+        if start < 0 or start + count > spec.numel:
+            raise ValueError(
+                f"tensor {name!r}: elements [{start}, {start + count}) are outside its "
+                f"{spec.numel} elements"
+            )
+        if count == 0:
+            return
+        size = count * spec.itemsize
+        self._spool.seek(offset + start * spec.itemsize)
+        window = memoryview(out.view(torch.uint8).numpy())  # type: ignore[arg-type]
+        if self._spool.readinto(window) != size:  # type: ignore[attr-defined]
+            raise UploadRejected(f"staged upload of tensor {name!r} is truncated")
 
     def close(self) -> None:
         self._spool.close()
