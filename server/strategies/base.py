@@ -162,7 +162,13 @@ class RoundAggregator(Protocol):
         ...
 
     def finish(self, global_state: MutableMapping[str, torch.Tensor]) -> RoundOutcome:
-        """Reduce the accepted uploads and step ``global_state`` in place."""
+        """Reduce the accepted uploads and step ``global_state`` in place.
+
+        Refusals (too few uploads for the rule, unusable DP settings) are raised before
+        anything changes. The step is applied block by block as the reduction emits it, so
+        an I/O error reading a staged upload part-way leaves ``global_state`` partly
+        stepped: the caller then fails the run or restores the last checkpoint.
+        """
         ...
 
     def discard(self) -> None:
