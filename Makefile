@@ -68,12 +68,14 @@ bench-quick: $(STAMP)
 ## `make cluster-up CLUSTER_FILE=docker/docker-compose.gpu.yml`. Volumes outlive cluster-down.
 COMPOSE ?= docker compose
 CLUSTER_FILE ?= docker/docker-compose.yml
+# The GPU file is a compose project of its own, so its volumes never mix with the CPU ones.
+CLUSTER_PROJECT ?= $(if $(findstring gpu,$(CLUSTER_FILE)),fedstream-gpu,fedstream)
 
 cluster-up:
-	$(COMPOSE) -f $(CLUSTER_FILE) up --build -d
+	$(COMPOSE) -p $(CLUSTER_PROJECT) -f $(CLUSTER_FILE) up --build -d
 
 cluster-down:
-	$(COMPOSE) -f $(CLUSTER_FILE) down
+	$(COMPOSE) -p $(CLUSTER_PROJECT) -f $(CLUSTER_FILE) down
 
 clean:
 	rm -rf .proto-build build *.egg-info .pytest_cache .mypy_cache

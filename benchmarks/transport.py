@@ -81,7 +81,8 @@ def product(case: Case, log_dir: Path) -> tuple[list[Transfer], list[Transfer], 
         workers = [
             group.start(f"client{i}", [sys.executable, "-m", "benchmarks.transport_client",
                                        "--server", server.address, "--client-id", f"bench-{i}",
-                                       "--chunk-bytes", str(case.chunk_bytes)])
+                                       "--chunk-bytes", str(case.chunk_bytes),
+                                       "--model-bytes", str(case.model_bytes)])
             for i in range(case.clients)
         ]
         for _ in range(case.rounds):

@@ -21,11 +21,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import torch
 from fedstream.client.connection import FinishEvent, ServerConnection
 from fedstream.client.settings import ClientSettings
+from fedstream.common.codec import Manifest
 from fedstream.common.messages import TrainReport
 
 from benchmarks.bare_grpc import emit, wait_go
+from benchmarks.models import DEFAULT_TENSOR_BYTES, SyntheticModel, block_sizes
+
+# The server of B1/B2 runs on digits: 1x8x8 images, 10 classes.
+DIGITS_SHAPE = (1, 8, 8)
+DIGITS_CLASSES = 10
 
 
 class RoundClock:
@@ -45,7 +52,15 @@ class RoundClock:
             yield message
 
 
-async def run(address: str, client_id: str, chunk_bytes: int) -> None:
+def expected_manifest(model_bytes: int) -> Manifest:
+    """The server's synthetic digits model, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        state = SyntheticModel(DIGITS_SHAPE, DIGITS_CLASSES,
+                               block_sizes(model_bytes, DEFAULT_TENSOR_BYTES)).state_dict()
+    return Manifest.of(state)
+
+
+async def run(address: str, client_id: str, chunk_bytes: int, model_bytes: int) -> None:
     settings = ClientSettings(
         server=address, client_id=client_id, chunk_size_bytes=chunk_bytes, connect_timeout_s=120
     )
@@ -54,7 +69,7 @@ async def run(address: str, client_id: str, chunk_bytes: int) -> None:
     connection.stub.WatchRounds = clock
     try:
         await connection.join()
-        async for event in connection.rounds():
+        async for event in connection.rounds(expected_manifest(model_bytes)):
             if isinstance(event, FinishEvent):
                 return
             task = event.task
@@ -76,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server", required=True)
     parser.add_argument("--client-id", required=True)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--model-bytes", type=int, required=True,
+                        help="size of the server's synthetic model (its manifest is checked)")
     args = parser.parse_args(argv)
-    asyncio.run(run(args.server, args.client_id, args.chunk_bytes))
+    asyncio.run(run(args.server, args.client_id, args.chunk_bytes, args.model_bytes))
     return 0
 
 
