@@ -23,13 +23,17 @@ class UploadRejected(FedstreamError):
     """An upload was refused; ``reason`` says which rule it broke."""
 
     #: one of: "malformed", "unknown_client", "stale_round", "not_selected", "duplicate",
-    #: "checksum", "non_finite", "too_large", "unauthenticated", "busy"
+    #: "checksum", "non_finite", "out_of_range", "too_large", "unauthenticated", "busy"
     reason: str = "malformed"
 
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+
+
+class AggregateError(FedstreamError):
+    """A round's aggregate cannot replace the global model (the result is not finite)."""
 
 
 class RoundFailed(FedstreamError):

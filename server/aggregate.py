@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-from fedstream.common.codec import Manifest, TensorSpec
+from fedstream.common.codec import Manifest, TensorSpec, all_finite
+from fedstream.common.errors import AggregateError
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +97,7 @@ class DeltaAccumulator:
         self.total_weight = 0
         self.num_folded = 0
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._spent = False  # apply_to reuses the sums' memory
 
     def fold(self, name: str, element_offset: int, values: torch.Tensor, weight: int) -> None:
         """Add ``weight * values`` to elements [offset, offset + len) of tensor ``name``."""
@@ -138,8 +140,7 @@ class DeltaAccumulator:
 
     def average(self) -> dict[str, torch.Tensor]:
         """The weighted average delta, in each tensor's original dtype and shape."""
-        if self.total_weight <= 0:
-            raise ValueError("no delta has been folded")
+        self._check_usable()
         return {
             name: _cast_back(total / self.total_weight, spec.torch_dtype).view(spec.shape)
             for name, spec in self._specs.items()
@@ -153,20 +154,46 @@ class DeltaAccumulator:
         step is bounded whatever the size of one tensor: a whole-tensor step made a model
         held in one 2.5 GiB tensor cost a third model of memory (benchmark B5). The
         targets must be contiguous (the coordinator keeps them so).
+
+        Every floating-point block is checked as it is written. Should one not be finite
+        (an overflow, a huge ``server_lr``), the blocks already written are restored and
+        :class:`AggregateError` names the tensor: ``global_state`` is then exactly as it
+        was. The old weights are kept in the sum's own memory as the sum is used up (its
+        dtype is at least as wide, so the copy is exact): no extra model of memory, and
+        the step is computed exactly as before. The accumulator is spent afterwards.
         """
-        if self.total_weight <= 0:
-            raise ValueError("no delta has been folded")
-        for name, spec in self._specs.items():
-            total = self._sums[name]
-            target = global_state[name].view(-1)
+        self._check_usable()
+        self._spent = True
+        written: list[tuple[torch.Tensor, torch.Tensor]] = []  # (window, its old values)
+        # Integer tensors cannot become non-finite: they go last, once nothing can fail.
+        ordered = sorted(self._specs.values(), key=lambda s: not s.torch_dtype.is_floating_point)
+        for spec in ordered:
+            total = self._sums[spec.name]
+            target = global_state[spec.name].view(-1)
             for start in range(0, total.numel(), APPLY_BLOCK_ELEMENTS):
                 part = total[start : start + APPLY_BLOCK_ELEMENTS]
                 step = _cast_back(part / self.total_weight, spec.torch_dtype)
                 window = target[start : start + part.numel()]
-                if window.is_floating_point():
-                    window.add_(step, alpha=server_lr)
-                else:
+                if not window.is_floating_point():
                     window.add_(step)
+                    continue
+                part.copy_(window)
+                written.append((window, part))
+                window.add_(step, alpha=server_lr)
+                if not all_finite(window):
+                    for changed, old in reversed(written):
+                        changed.copy_(old)
+                    problem = "the average delta" if not all_finite(step) else "the updated weights"
+                    raise AggregateError(
+                        f"tensor {spec.name!r}: {problem} would not be finite (server_lr "
+                        f"{server_lr:g}); the global model keeps its previous weights"
+                    )
+
+    def _check_usable(self) -> None:
+        if self.total_weight <= 0:
+            raise ValueError("no delta has been folded")
+        if self._spent:
+            raise ValueError("the sum was used up by apply_to")
 
     def average_blocks(self, block_elements: int) -> Iterator[tuple[TensorSpec, int, torch.Tensor]]:
         """(spec, first element, average) of every tensor, ``block_elements`` at a time.
@@ -175,8 +202,7 @@ class DeltaAccumulator:
         the same division ``apply_to`` does before casting back: a strategy's server
         optimizer applies these blocks to the model.
         """
-        if self.total_weight <= 0:
-            raise ValueError("no delta has been folded")
+        self._check_usable()
         for spec in self.manifest.specs:
             total = self._sums[spec.name]
             for start in range(0, total.numel(), block_elements):

@@ -9,6 +9,7 @@ local disk, with ``weights_only=True``; nothing received from a peer is ever loa
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,9 +51,22 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, Any], dict[str, torch.Te
     return int(payload["round"]), dict(payload["meta"]), dict(payload["state_dict"])
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
 def _line(record: Mapping[str, Any]) -> str:
-    # Strict JSON: a NaN would make the line unreadable to other tools.
-    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+    # Strict JSON: a NaN would make the line unreadable to other tools. Uploads with a
+    # non-finite report are refused, but the server's own numbers can still be infinite
+    # (the test loss of a diverged model): those are written as null, never a crash.
+    return json.dumps(_finite_or_null(record), sort_keys=True, allow_nan=False) + "\n"
 
 
 class MetricsLog:

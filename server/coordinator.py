@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from fedstream.common.codec import Manifest, crc32_of
-from fedstream.common.errors import ManifestError, RoundFailed, UploadRejected
+from fedstream.common.errors import AggregateError, ManifestError, RoundFailed, UploadRejected
 from fedstream.common.messages import FinishKind, RoundTask, RunSpec, TrainConfig, UpdateHeader
 from fedstream.server.aggregate import DeltaAccumulator
-from fedstream.server.upload import UploadReceiver
+from fedstream.server.upload import DEFAULT_MAX_ABS, UploadReceiver
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class RoundState:
     results: dict[str, ClientResult] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    why_failed: str = ""
 
     def move_to(self, phase: RoundPhase) -> None:
         if phase not in _TRANSITIONS[self.phase]:
@@ -160,6 +161,8 @@ class CoordinatorConfig:
     train: TrainConfig
     run: RunSpec
     max_clients: int = 1000
+    max_num_examples: int = 1_000_000_000
+    max_update_abs: float = DEFAULT_MAX_ABS
 
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], tuple[float, float] | None]
@@ -319,6 +322,11 @@ class Coordinator:
             raise UploadRejected(f"{who}: training report holds NaN or Inf")
         if header.num_examples < 1:
             raise UploadRejected(f"{who}: num_examples must be positive")
+        if header.num_examples > self.config.max_num_examples:
+            raise UploadRejected(
+                f"{who}: num_examples {header.num_examples} is more than the "
+                f"{self.config.max_num_examples} allowed (--max-num-examples)"
+            )
         difference = self.manifest.describe_difference(header.manifest)
         if difference is not None:
             raise ManifestError(f"{who}, round {state.number}: {difference}")
@@ -340,7 +348,12 @@ class Coordinator:
             state.record_failure(client_id, why)
 
     def new_receiver(self) -> UploadReceiver:
-        return UploadReceiver(self.manifest, self.config.spool_memory_bytes, self.config.spool_dir)
+        return UploadReceiver(
+            self.manifest,
+            self.config.spool_memory_bytes,
+            self.config.spool_dir,
+            self.config.max_update_abs,
+        )
 
     async def commit_upload(self, ticket: UploadTicket, receiver: UploadReceiver) -> None:
         """Validate the staged delta, then fold it into the round's sum exactly once."""
@@ -447,6 +460,7 @@ class Coordinator:
                 log.warning("round %d: client %s missed the deadline", number, client_id)
             if len(state.results) < self.config.min_clients:
                 state.move_to(RoundPhase.FAILED)
+                state.why_failed = f"fewer than {self.config.min_clients} clients reported"
                 log.error(
                     "round %d failed: %d of %d selected clients reported, %d required (%s)",
                     number,
@@ -457,9 +471,15 @@ class Coordinator:
                 )
                 return None
             state.move_to(RoundPhase.AGGREGATING)
-        await asyncio.to_thread(
-            state.accumulator.apply_to, self.global_state, self.config.server_lr
-        )
+        try:
+            await asyncio.to_thread(
+                state.accumulator.apply_to, self.global_state, self.config.server_lr
+            )
+        except AggregateError as error:
+            state.move_to(RoundPhase.FAILED)
+            state.why_failed = f"its aggregate was refused: {error}"
+            log.error("round %d failed: %s", number, state.why_failed)
+            return None
         evaluation = await asyncio.to_thread(self._evaluate, self.global_state)
         results = tuple(state.results[c] for c in sorted(state.results))
         total = sum(r.num_examples for r in results)
@@ -468,7 +488,8 @@ class Coordinator:
             selected=len(selected),
             succeeded=len(results),
             failures=dict(state.failures),
-            train_loss=sum(r.train_loss * r.num_examples for r in results) / total,
+            # Weights below 1 first: a finite loss of 1e300 times its examples would not be.
+            train_loss=sum(r.train_loss * (r.num_examples / total) for r in results),
             test_loss=None if evaluation is None else evaluation[0],
             accuracy=None if evaluation is None else evaluation[1],
             wall_time_s=time.perf_counter() - started,
@@ -497,9 +518,10 @@ class Coordinator:
                             self.config.round_retries,
                         )
                 else:
+                    why = "" if self.current is None else self.current.why_failed
                     raise RoundFailed(
-                        f"round {number} failed {self.config.round_retries + 1} times: fewer "
-                        f"than {self.config.min_clients} clients reported"
+                        f"round {number} failed {self.config.round_retries + 1} times "
+                        f"(last: {why})"
                     )
         finally:
             if len(summaries) + self.first_round > self.config.rounds:

@@ -177,6 +177,8 @@ def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
         spool_dir=s.spool_dir,
         seed=s.seed,
         max_clients=s.max_clients,
+        max_num_examples=s.max_num_examples,
+        max_update_abs=s.max_update_abs,
         train=TrainConfig(
             local_epochs=s.local_epochs,
             batch_size=s.batch_size,

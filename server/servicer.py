@@ -32,6 +32,7 @@ DRAIN_TIMEOUT_S = 10.0
 _STATUS_BY_REASON = {
     "malformed": grpc.StatusCode.INVALID_ARGUMENT,
     "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+    "out_of_range": grpc.StatusCode.INVALID_ARGUMENT,
     "unknown_client": grpc.StatusCode.NOT_FOUND,
     "stale_round": grpc.StatusCode.FAILED_PRECONDITION,
     "not_selected": grpc.StatusCode.FAILED_PRECONDITION,

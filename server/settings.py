@@ -82,6 +82,17 @@ class ServerSettings(BaseModel):
     spool_dir: Path | None = Field(
         None, description="folder for uploads staged on disk (default: the system temp folder)"
     )
+    max_num_examples: int = Field(
+        1_000_000_000,
+        ge=1,
+        description="most training examples one upload may claim; more get INVALID_ARGUMENT",
+    )
+    max_update_abs: float = Field(
+        1e15,
+        gt=0,
+        allow_inf_nan=False,
+        description="largest |value| an uploaded delta may hold; more get INVALID_ARGUMENT",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )

@@ -1,8 +1,11 @@
 """Receive one client's delta, check it completely, then fold it into the running sum.
 
 Why stage before folding: a delta is folded into the shared sum only once every byte has
-arrived, the CRC matches and every float is finite. A client that dies or lies half-way
-therefore leaves no trace in the global model. Staging goes through a
+arrived, the CRC matches and every value is finite and within ``max_abs`` (``--max-update-abs``).
+A client that dies or lies half-way therefore leaves no trace in the global model. The
+bound keeps an honest-looking but enormous delta (1e30, say) from overflowing the float32
+sum: with at most ``--max-num-examples`` weight per client and a bound of 1e15, a thousand
+clients sum to at most 1e27, far below float32's 3.4e38. Staging goes through a
 ``SpooledTemporaryFile``: small uploads stay in memory, larger ones roll over to a
 temporary file, so the server's resident memory stays at about two models (the global
 model and the sum) however many clients upload at once.
@@ -10,6 +13,7 @@ model and the sum) however many clients upload at once.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 import zlib
@@ -19,30 +23,38 @@ from pathlib import Path
 from typing import IO
 
 import torch
-from fedstream.common.codec import Manifest, TensorSpec, all_finite
+from fedstream.common.codec import Manifest, TensorSpec
 from fedstream.common.errors import UploadRejected
 from fedstream.server.aggregate import DeltaAccumulator
 
 READ_BLOCK_BYTES = 4 << 20
+DEFAULT_MAX_ABS = 1e15  # --max-update-abs
 
 
 class FiniteScanner:
-    """Finds NaN or Inf in a payload as it streams past, one pass, no staging.
+    """Finds NaN, Inf or a value beyond +/-``max_abs`` in a payload as it streams past.
 
-    Chunks may end in the middle of an element, so up to ``itemsize - 1`` bytes are
-    carried over to the next chunk; padding between tensors is skipped.
+    One pass, no staging: ``aminmax`` of each piece answers both questions at once (NaN
+    propagates into both ends, an infinity or a huge value shows at one end). Integer
+    tensors are bounded too (a counter's delta of 2**62 is as much a lie as 1e30); bool
+    tensors cannot be out of range. Chunks may end in the middle of an element, so up to
+    ``itemsize - 1`` bytes are carried over to the next chunk; padding between tensors is
+    skipped.
     """
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, max_abs: float = DEFAULT_MAX_ABS) -> None:
         self._regions = [
             (offset, offset + spec.nbytes, spec)
             for spec, offset in zip(manifest.specs, manifest.offsets, strict=True)
-            if spec.torch_dtype.is_floating_point and spec.nbytes
+            if spec.torch_dtype != torch.bool and spec.nbytes
         ]
+        self.max_abs = max_abs
         self._index = 0
         self._carry = b""
         self.position = 0
         self.first_bad: str | None = None
+        self.problem = ""  # what is wrong with ``first_bad``
+        self.reason = "non_finite"
 
     def feed(self, data: bytes) -> None:
         view = memoryview(data)
@@ -77,15 +89,26 @@ class FiniteScanner:
             # The values are only read; torch warns about any read-only buffer.
             warnings.simplefilter("ignore", UserWarning)
             values = torch.frombuffer(raw, dtype=spec.torch_dtype)
-        if not all_finite(values):
-            self.first_bad = spec.name
+        low, high = (float(end) for end in torch.aminmax(values))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            self.first_bad, self.problem, self.reason = spec.name, "holds NaN or Inf", "non_finite"
+        elif high > self.max_abs or low < -self.max_abs:
+            extreme = high if high > -low else low
+            self.first_bad, self.reason = spec.name, "out_of_range"
+            self.problem = (
+                f"holds {extreme:g}, beyond the bound of {self.max_abs:g} (--max-update-abs)"
+            )
 
 
 class UploadReceiver:
     """Byte-level and value checks while the stream arrives; the fold reads it back once."""
 
     def __init__(
-        self, manifest: Manifest, spool_memory_bytes: int = 1 << 20, spool_dir: Path | None = None
+        self,
+        manifest: Manifest,
+        spool_memory_bytes: int = 1 << 20,
+        spool_dir: Path | None = None,
+        max_abs: float = DEFAULT_MAX_ABS,
     ) -> None:
         self.manifest = manifest
         folder = None if spool_dir is None else str(spool_dir)
@@ -97,7 +120,7 @@ class UploadReceiver:
             else tempfile.TemporaryFile(dir=folder)
         )
         self._crc = 0
-        self._scanner = FiniteScanner(manifest)
+        self._scanner = FiniteScanner(manifest, max_abs)
         self.received_bytes = 0
         self.complete = False
 
@@ -133,12 +156,14 @@ class UploadReceiver:
         self.complete = True
 
     def check_finite(self) -> None:
-        """Refuse NaN or Inf anywhere in the delta (found while the chunks arrived)."""
+        """Refuse NaN, Inf or a value beyond the bound anywhere in the delta (found while
+        the chunks arrived)."""
         if not self.complete:
             raise UploadRejected("upload is not complete")
         if self._scanner.first_bad is not None:
             raise UploadRejected(
-                f"tensor {self._scanner.first_bad!r} holds NaN or Inf", reason="non_finite"
+                f"tensor {self._scanner.first_bad!r} {self._scanner.problem}",
+                reason=self._scanner.reason,
             )
 
     def fold_into(self, accumulator: DeltaAccumulator, weight: int) -> None:

@@ -32,7 +32,7 @@ from fedstream.common.errors import ManifestError, RoundFailed, UploadRejected
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.server.aggregate import DeltaAccumulator
 from fedstream.server.coordinator import RoundSummary, summary_record
-from fedstream.server.upload import UploadReceiver
+from fedstream.server.upload import DEFAULT_MAX_ABS, UploadReceiver
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -206,12 +206,17 @@ def test_upload_receiver_refuses_anything_but_the_exact_payload(
         finite = all(
             bool(torch.isfinite(t).all()) for t in received.values() if t.is_floating_point()
         )
+        bounded = all(
+            bool(t.double().abs().max() <= DEFAULT_MAX_ABS) for t in received.values() if t.numel()
+        )
         try:
             receiver.check_finite()
         except UploadRejected as error:
-            assert not finite and error.reason == "non_finite"
+            # The first bad tensor decides which of the two is reported.
+            assert error.reason in {"non_finite", "out_of_range"}
+            assert not (finite and bounded)
             return
-        assert finite
+        assert finite and bounded
         receiver.fold_into(accumulator, 1)
         for name, tensor in accumulator.average().items():
             torch.testing.assert_close(tensor, received[name])

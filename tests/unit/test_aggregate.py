@@ -265,3 +265,35 @@ def test_negative_offset_is_refused() -> None:
     accumulator = DeltaAccumulator(Manifest.of({"w": torch.zeros(4)}))
     with pytest.raises(ValueError, match="negative offset"):
         accumulator.fold("w", -3, torch.ones(2), 1)
+
+
+
+@pytest.mark.parametrize(
+    ("dtype", "weight", "delta", "server_lr"),
+    [
+        (torch.float32, 1.0, 1e38, 10.0),  # a finite average whose step overflows float32
+        (torch.float16, 60000.0, 60000.0, 1.0),  # float16 weights: 60000 + 60000 is inf
+    ],
+)
+def test_apply_to_refuses_a_non_finite_result_and_writes_nothing(
+    dtype: torch.dtype, weight: float, delta: float, server_lr: float
+) -> None:
+    from fedstream.common.errors import AggregateError
+
+    # The bad tensor comes last, so a one-pass apply would already have changed "first".
+    global_state = {
+        "first": torch.ones(3),
+        "counter": torch.tensor(4),
+        "last": torch.full((5,), weight, dtype=dtype),
+    }
+    before = {name: tensor.clone() for name, tensor in global_state.items()}
+    step = {
+        "first": torch.ones(3),
+        "counter": torch.tensor(1),
+        "last": torch.full((5,), delta, dtype=dtype),
+    }
+    accumulator = DeltaAccumulator(Manifest.of(global_state))
+    accumulator.fold_state(step, 2)
+    with pytest.raises(AggregateError, match="'last': the updated weights would not be finite"):
+        accumulator.apply_to(global_state, server_lr)
+    torch.testing.assert_close(global_state, before, rtol=0, atol=0)

@@ -25,6 +25,7 @@ from fedstream.server.servicer import status_for
 EXPECTED = {
     "malformed": grpc.StatusCode.INVALID_ARGUMENT,
     "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+    "out_of_range": grpc.StatusCode.INVALID_ARGUMENT,
     "unknown_client": grpc.StatusCode.NOT_FOUND,
     "stale_round": grpc.StatusCode.FAILED_PRECONDITION,
     "not_selected": grpc.StatusCode.FAILED_PRECONDITION,

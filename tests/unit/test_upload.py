@@ -283,3 +283,58 @@ def test_scanner_passes_finite_payloads_and_ignores_integer_bit_patterns(chunk_b
     for chunk in iter_payload(state, manifest, chunk_bytes):
         scanner.feed(chunk)
     assert scanner.first_bad is None
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 4096])
+@pytest.mark.parametrize(
+    ("name", "value", "dtype"),
+    [
+        ("w", 1e30, torch.float32),
+        ("w", -2e15, torch.float64),
+        ("steps", 2**62, torch.int64),
+        ("steps", -(2**63), torch.int64),  # abs() of this wraps around: both ends are checked
+    ],
+)
+def test_scanner_refuses_values_beyond_the_bound(
+    chunk_bytes: int, name: str, value: float, dtype: torch.dtype
+) -> None:
+    from fedstream.server.upload import FiniteScanner
+
+    state = {
+        "steps": torch.tensor([5, 7], dtype=torch.int64),
+        "flags": torch.tensor([True, False]),  # bool: never out of range
+        "w": torch.ones(9, dtype=torch.float64 if name == "w" else torch.float32),
+    }
+    state[name] = state[name].to(dtype)
+    state[name][1] = value
+    manifest = Manifest.of(state)
+    scanner = FiniteScanner(manifest, max_abs=1e15)
+    for chunk in iter_payload(state, manifest, chunk_bytes):
+        scanner.feed(chunk)
+    assert scanner.first_bad == name
+    assert scanner.reason == "out_of_range" and "--max-update-abs" in scanner.problem
+
+
+def test_receiver_names_the_tensor_and_the_value_beyond_the_bound() -> None:
+    delta = {"w": torch.tensor([1.0, -3e20, 2.0])}
+    manifest = Manifest.of(delta)
+    receiver = UploadReceiver(manifest, max_abs=1e15)
+    try:
+        stage(receiver, delta)
+        with pytest.raises(UploadRejected, match=r"'w' holds -3e\+20, beyond the bound of 1e\+15"):
+            receiver.check_finite()
+    finally:
+        receiver.close()
+
+
+def test_nan_is_reported_as_non_finite_not_as_out_of_range() -> None:
+    delta = {"w": torch.tensor([1e30, float("nan")])}
+    manifest = Manifest.of(delta)
+    receiver = UploadReceiver(manifest, max_abs=1e15)
+    try:
+        stage(receiver, delta)
+        with pytest.raises(UploadRejected, match="NaN or Inf") as refused:
+            receiver.check_finite()
+        assert refused.value.reason == "non_finite"
+    finally:
+        receiver.close()
