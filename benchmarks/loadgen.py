@@ -34,6 +34,8 @@ from benchmarks.bare_grpc import emit
 
 SERVICE = "/fedstream.v1.Federation"
 PROTOCOL_VERSION = 1
+# As in fedstream.common.messages, which is not imported here: it would pull in torch.
+CREDENTIAL_METADATA_KEY = "fedstream-credential"
 MAX_MESSAGE_BYTES = 4 << 20
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -88,7 +90,7 @@ class SimClient:
 
 
 async def _upload(push: grpc.aio.StreamUnaryMultiCallable, header: bytes, delta: ZeroDelta,
-                  total_bytes: int) -> None:
+                  total_bytes: int, proof: tuple[tuple[str, str], ...]) -> None:
     async def messages() -> AsyncIterator[bytes]:
         yield header
         for message, count in delta.chunks(total_bytes):
@@ -98,7 +100,7 @@ async def _upload(push: grpc.aio.StreamUnaryMultiCallable, header: bytes, delta:
                                                   crc32=delta.crc(total_bytes)))
         yield end.SerializeToString()
 
-    await push(messages(), wait_for_ready=True)
+    await push(messages(), wait_for_ready=True, metadata=proof)
 
 
 async def simulate(address: str, client: SimClient, delta: ZeroDelta) -> None:
@@ -112,12 +114,14 @@ async def simulate(address: str, client: SimClient, delta: ZeroDelta) -> None:
         push = channel.stream_unary(f"{SERVICE}/PushUpdate",
                                     request_serializer=None,  # requests are serialised bytes
                                     response_deserializer=pb.UpdateReply.FromString)
-        await join(pb.JoinRequest(client_id=client.client_id,
-                                  protocol_version=PROTOCOL_VERSION),
-                   wait_for_ready=True, timeout=300)
+        joined = await join(pb.JoinRequest(client_id=client.client_id,
+                                           protocol_version=PROTOCOL_VERSION),
+                            wait_for_ready=True, timeout=300)
+        # Every call after Join proves the client id with the credential Join returned.
+        proof = ((CREDENTIAL_METADATA_KEY, joined.credential),)
         start: pb.RoundStart | None = None
         started, crc, received = 0.0, 0, 0
-        async for message in watch(pb.WatchRequest(client_id=client.client_id)):
+        async for message in watch(pb.WatchRequest(client_id=client.client_id), metadata=proof):
             kind = message.WhichOneof("kind")
             if kind == "round_start":
                 start, started, crc, received = message.round_start, time.monotonic(), 0, 0
@@ -139,7 +143,7 @@ async def simulate(address: str, client: SimClient, delta: ZeroDelta) -> None:
                     report=pb.TrainReport(train_started_unix_s=now, train_finished_unix_s=now,
                                           device="loadgen"),
                 ))
-                await _upload(push, header.SerializeToString(), delta, received)
+                await _upload(push, header.SerializeToString(), delta, received, proof)
                 client.rounds.append(
                     RoundTiming(start.round, started, downloaded, time.monotonic())
                 )

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from fedstream.client.credential import CredentialKeeper, default_state_dir
 from fedstream.client.settings import ClientSettings, split_host_port
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
 from fedstream.common.errors import ManifestError, TransferError
 from fedstream.common.messages import (
+    CREDENTIAL_METADATA_KEY,
     PROTOCOL_VERSION,
     FinishKind,
     RoundTask,
@@ -77,9 +79,17 @@ class Backoff:
 
 
 class ServerConnection:
-    def __init__(self, settings: ClientSettings, client_id: str) -> None:
+    def __init__(
+        self, settings: ClientSettings, client_id: str, keeper: CredentialKeeper | None = None
+    ) -> None:
         self.settings = settings
         self.client_id = client_id
+        if keeper is None:
+            # Only a chosen id outlives the process; an automatic one is new every start.
+            state_dir = settings.state_dir or default_state_dir()
+            path = None if settings.client_id is None else state_dir / f"{client_id}.json"
+            keeper = CredentialKeeper(settings.server, path)
+        self.credential = keeper
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -103,7 +113,7 @@ class ServerConnection:
             )
             self.channel = grpc.aio.secure_channel(settings.server, credentials, options=options)
         token = settings.read_token()
-        self._metadata: tuple[tuple[str, str], ...] = (
+        self._token_metadata: tuple[tuple[str, str], ...] = (
             () if token is None else (("authorization", f"Bearer {token}"),)
         )
         self.stub = pb_grpc.FederationStub(self.channel)
@@ -112,6 +122,13 @@ class ServerConnection:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        secret = self.credential.secret
+        if secret is None:
+            return self._token_metadata
+        return (*self._token_metadata, (CREDENTIAL_METADATA_KEY, secret))
 
     async def join(
         self, partition_index: int | None = None, timeout_s: float = JOIN_ATTEMPT_TIMEOUT_S
@@ -123,6 +140,10 @@ class ServerConnection:
         reply = await self.stub.Join(
             request, timeout=min(timeout_s, JOIN_ATTEMPT_TIMEOUT_S), metadata=self._metadata
         )
+        if reply.credential:
+            # A first Join (or a server that no longer knew this id): the secret that
+            # proves this id from now on.
+            self.credential.store(reply.credential)
         return Joined(reply.client_id, wire.run_spec_from_pb(reply.run), reply.partition_index)
 
     def failure_cause(self, error: grpc.aio.AioRpcError) -> str:

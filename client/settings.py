@@ -109,6 +109,11 @@ class ClientSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )
+    state_dir: Path | None = Field(
+        None,
+        description="folder keeping this client's credential across restarts "
+        "(default: ~/.local/state/fedstream)",
+    )
 
     @field_validator("server")
     @classmethod

@@ -10,6 +10,10 @@ from fedstream.common.codec import Manifest
 
 PROTOCOL_VERSION = 1
 
+# Call metadata carrying the secret a client's first Join returned (JoinReply.credential);
+# every later call under that client id presents it.
+CREDENTIAL_METADATA_KEY = "fedstream-credential"
+
 
 @dataclass(frozen=True)
 class RunSpec:

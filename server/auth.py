@@ -54,12 +54,31 @@ class TokenTable:
         shared = self._tokens.get(SHARED)
         return shared is not None and hmac.compare_digest(presented, shared.encode())
 
+    def owns(self, client_id: str, token: str | None) -> bool:
+        """True when ``token`` is ``client_id``'s own token (not the shared join token).
+
+        Such a token proves the id by itself, so a client that lost its credential can
+        enrol again with it; a shared token only enrols ids nobody holds yet.
+        """
+        expected = self._tokens.get(client_id)
+        if token is None or expected is None or client_id == SHARED:
+            return False
+        return hmac.compare_digest(token.encode(), expected.encode())
+
+
+def metadata_value(metadata: object, wanted: str) -> str | None:
+    """The first text value of call metadata key ``wanted``, if any."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == wanted and isinstance(value, str):
+            return value
+    return None
+
 
 def bearer_token(metadata: object) -> str | None:
     """The token in ``authorization: Bearer <token>`` call metadata, if any."""
-    for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :]
+    value = metadata_value(metadata, "authorization")
+    if value is not None and value.startswith("Bearer "):
+        return value[len("Bearer ") :]
     return None
 
 

@@ -20,7 +20,6 @@ import logging
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from fedstream.common.codec import Manifest, crc32_of
 from fedstream.common.errors import AggregateError, ManifestError, RoundFailed, UploadRejected
 from fedstream.common.messages import FinishKind, RoundTask, RunSpec, TrainConfig, UpdateHeader
 from fedstream.server.aggregate import DeltaAccumulator
+from fedstream.server.registry import Admission, Attachment, ClientSession, Finish, Registry
 from fedstream.server.upload import DEFAULT_MAX_ABS, UploadReceiver
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,6 @@ _TRANSITIONS = {
 
 
 @dataclass(frozen=True)
-class Finish:
-    reason: str
-    kind: FinishKind = FinishKind.RUN_COMPLETE
-
-
-@dataclass(frozen=True)
 class ClientResult:
     client_id: str
     num_examples: int
@@ -89,6 +83,7 @@ class RoundState:
     failures: dict[str, str] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     why_failed: str = ""
+    task: RoundTask | None = None  # what each selected client is sent
 
     def move_to(self, phase: RoundPhase) -> None:
         if phase not in _TRANSITIONS[self.phase]:
@@ -111,15 +106,6 @@ class RoundState:
     def _check_settled(self) -> None:
         if len(self.results) + len(self.failures) >= len(self.selected):
             self.settled.set()
-
-
-@dataclass
-class ClientSession:
-    client_id: str
-    partition_index: int
-    inbox: asyncio.Queue[RoundTask | Finish] = field(default_factory=asyncio.Queue)
-    connected: bool = False
-    told_finish: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,7 +172,7 @@ class Coordinator:
         self._evaluate = evaluate
         self._on_round = on_round
         self.first_round = first_round
-        self.sessions: dict[str, ClientSession] = {}
+        self.registry = Registry(config.max_clients, config.run.num_partitions)
         self.current: RoundState | None = None
         self.payload_crc = 0
         self.finished = False
@@ -198,61 +184,55 @@ class Coordinator:
 
     # ---- membership (called by handlers) -------------------------------------------
 
-    def join(self, client_id: str, partition_hint: int | None = None) -> ClientSession:
-        session = self.sessions.get(client_id)
-        if session is None:
-            if len(self.sessions) >= self.config.max_clients:
-                raise UploadRejected(
-                    f"client {client_id!r} refused: {self.config.max_clients} clients already "
-                    "joined (--max-clients)",
-                    reason="busy",
-                )
-            if partition_hint is not None and partition_hint < self.config.run.num_partitions:
-                index = partition_hint
-            else:
-                # The least-used shard, lowest first: shards stay disjoint while there are
-                # enough of them, even when some clients chose theirs.
-                used = Counter(s.partition_index for s in self.sessions.values())
-                index = min(range(self.config.run.num_partitions), key=lambda i: (used[i], i))
-                if used[index]:
-                    log.warning(
-                        "client %s shares data shard %d: more clients than the %d shards "
-                        "(--num-partitions)",
-                        client_id,
-                        index,
-                        self.config.run.num_partitions,
-                    )
-            session = ClientSession(client_id, index)
-            self.sessions[client_id] = session
-            log.info("client %s joined (partition %d)", client_id, index)
-        else:
-            log.info("client %s joined again (partition %d)", client_id, session.partition_index)
-        return session
+    @property
+    def sessions(self) -> dict[str, ClientSession]:
+        sessions: dict[str, ClientSession] = self.registry.sessions
+        return sessions
 
-    async def attach(self, client_id: str) -> ClientSession:
-        session = self.sessions.get(client_id)
-        if session is None:
-            raise UploadRejected(f"client {client_id!r} has not joined", reason="unknown_client")
-        if session.connected:
-            # A reconnect raced the old stream's teardown: the newest stream wins.
-            session.inbox.put_nowait(Finish("replaced by a newer connection", FinishKind.REPLACED))
-            session.inbox = asyncio.Queue()
-        session.connected = True
+    def join(
+        self,
+        client_id: str,
+        partition_hint: int | None = None,
+        credential: str | None = None,
+        owns_id: bool = False,
+    ) -> Admission:
+        return self.registry.join(client_id, partition_hint, credential, owns_id)
+
+    async def attach(self, client_id: str, credential: str | None) -> Attachment:
+        session = self.registry.verify(client_id, credential)
+        attachment, carried = self.registry.attach(session)
         log.debug("client %s is waiting for rounds", client_id)
+        state = self.current
         if self._finish is not None:
-            session.inbox.put_nowait(self._finish)
+            attachment.inbox.put_nowait(self._finish)
+        elif (
+            state is not None
+            and state.task is not None
+            and state.phase is RoundPhase.COLLECTING
+            and client_id in state.selected
+            and client_id not in state.results
+            and state.number not in carried
+        ):
+            # Its earlier stream took this round and then broke: send the round again.
+            attachment.inbox.put_nowait(state.task)
         async with self._membership:
             self._membership.notify_all()
-        return session
+        return attachment
 
-    def detach(self, session: ClientSession, why: str) -> None:
-        session.connected = False
+    def detach(self, attachment: Attachment, why: str) -> None:
+        """The end of one round stream; a stream already replaced by a newer one changes
+        nothing (its client is still connected, through the newer stream)."""
+        if not self.registry.detach(attachment):
+            log.debug("client %s: a replaced round stream closed", attachment.client_id)
+            return
         self._detached.set()
         if self.current is not None:
-            self.current.record_failure(session.client_id, why)
+            self.current.record_failure(attachment.client_id, why)
 
-    def finish_delivered(self, session: ClientSession) -> None:
-        session.told_finish = True
+    def finish_delivered(self, client_id: str) -> None:
+        session = self.sessions.get(client_id)
+        if session is not None:
+            session.told_finish = True
         self._detached.set()
 
     async def wait_all_told(self) -> None:
@@ -267,7 +247,8 @@ class Coordinator:
             await self._detached.wait()
 
     def connected_clients(self) -> list[str]:
-        return sorted(cid for cid, s in self.sessions.items() if s.connected)
+        attached: list[str] = self.registry.attached()
+        return attached
 
     # ---- download (called by the WatchRounds handler) ----------------------------------
 
@@ -437,7 +418,7 @@ class Coordinator:
         )
         self.current = state
         state.move_to(RoundPhase.COLLECTING)
-        task = RoundTask(
+        state.task = task = RoundTask(
             number,
             dataclasses.replace(
                 self.config.train, deadline_unix_s=time.time() + self.config.round_timeout_s

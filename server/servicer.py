@@ -15,10 +15,15 @@ from collections.abc import AsyncIterator
 import grpc
 from fedstream.common import wire
 from fedstream.common.errors import FedstreamError, ManifestError, UploadRejected
-from fedstream.common.messages import PROTOCOL_VERSION, RoundTask, UpdateHeader
+from fedstream.common.messages import (
+    CREDENTIAL_METADATA_KEY,
+    PROTOCOL_VERSION,
+    RoundTask,
+    UpdateHeader,
+)
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
-from fedstream.server.auth import TokenTable, bearer_token
+from fedstream.server.auth import TokenTable, bearer_token, metadata_value
 from fedstream.server.broadcast import Broadcast
 from fedstream.server.coordinator import Coordinator, Finish, UploadTicket
 from google.protobuf.message import DecodeError
@@ -113,14 +118,33 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.tokens = tokens
         self._broadcast: tuple[int, Broadcast] | None = None
 
-    def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
+    def _check_token(self, context: grpc.aio.ServicerContext, client_id: str) -> bool:
+        """Refuse a call without a valid token; True when it is ``client_id``'s own token."""
         if self.tokens is None:
-            return
-        if not self.tokens.admits(client_id, bearer_token(context.invocation_metadata())):
+            return False
+        token = bearer_token(context.invocation_metadata())
+        if not self.tokens.admits(client_id, token):
             raise UploadRejected(
                 f"client {client_id!r} from {context.peer()} presented no valid token",
                 reason="unauthenticated",
             )
+        owns: bool = self.tokens.owns(client_id, token)
+        return owns
+
+    @staticmethod
+    def _credential(context: grpc.aio.ServicerContext) -> str | None:
+        value: str | None = metadata_value(context.invocation_metadata(), CREDENTIAL_METADATA_KEY)
+        return value
+
+    def _authenticate(self, context: grpc.aio.ServicerContext, client_id: str) -> None:
+        """Every call after Join: a valid token (if tokens are on) and the id's credential."""
+        self._check_token(context, client_id)
+        try:
+            self.coordinator.registry.verify(client_id, self._credential(context))
+        except UploadRejected as error:
+            if error.reason != "unauthenticated":
+                raise
+            raise UploadRejected(f"{error} from {context.peer()}", reason=error.reason) from None
 
     async def Join(  # noqa: N802 - gRPC method name
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
@@ -136,16 +160,17 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client id longer than 128")
         hint = request.partition_index if request.HasField("partition_index") else None
         try:
-            self._authenticate(context, client_id)
-            session = self.coordinator.join(client_id, hint)
+            owns_id = self._check_token(context, client_id)
+            admission = self.coordinator.join(client_id, hint, self._credential(context), owns_id)
         except FedstreamError as error:
-            log.warning("join refused: %s", error)
+            log.warning("join refused: %s (peer %s)", error, context.peer())
             await context.abort(status_for(error), str(error))
         return pb.JoinReply(
             client_id=client_id,
             run=wire.run_spec_to_pb(self.coordinator.config.run),
-            partition_index=session.partition_index,
+            partition_index=admission.session.partition_index,
             max_message_bytes=self.max_message_bytes,
+            credential=admission.secret or "",
         )
 
     async def WatchRounds(  # noqa: N802
@@ -153,19 +178,21 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ServerMessage | bytes]:
         try:
             self._authenticate(context, request.client_id)
-            session = await self.coordinator.attach(request.client_id)
+            attachment = await self.coordinator.attach(
+                request.client_id, self._credential(context)
+            )
         except FedstreamError as error:
             log.warning("watch refused for client %r: %s", request.client_id, error)
             await context.abort(status_for(error), str(error))
         why = "disconnected"
         try:
             while True:
-                event = await session.inbox.get()
+                event = await attachment.inbox.get()
                 if isinstance(event, Finish):
                     why = event.reason
                     yield wire.finish_to_pb(event.reason, event.kind)
                     if self.coordinator.finished:
-                        self.coordinator.finish_delivered(session)
+                        self.coordinator.finish_delivered(attachment.client_id)
                     return
                 # A fresh token names this download in the shared frame cache.
                 async for message in self._send_round(event, reader=object()):
@@ -173,9 +200,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         finally:
             # After Finish too: a client that finished is no longer connected, so shutdown
             # need not wait for it.
-            self.coordinator.detach(session, "disconnected from the round stream")
+            self.coordinator.detach(attachment, "disconnected from the round stream")
             level = logging.DEBUG if why == "run complete" else logging.INFO
-            log.log(level, "client %s: round stream closed (%s)", session.client_id, why)
+            log.log(level, "client %s: round stream closed (%s)", attachment.client_id, why)
 
     def _broadcast_for(self, round_number: int) -> Broadcast:
         if self._broadcast is None or self._broadcast[0] != round_number:

@@ -127,6 +127,8 @@ class Cluster:
         self.procs: list[Proc] = []
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+        # Client state (credential files) stays inside the test, never in the home folder.
+        env = {"XDG_STATE_HOME": str(self.log_dir.parent / "state"), **(env or {})}
         proc = Proc(name, argv, self.log_dir, env)
         self.procs.append(proc)
         return proc

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedstream/common/pb/fedstream.proto\x12\x0c\x66\x65\x64stream.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"\x92\x01\n\x07RunSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x15\n\rtest_fraction\x18\x04 \x01(\x01\x12\x16\n\x0enum_partitions\x18\x05 \x01(\r\x12\x11\n\tpartition\x18\x06 \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\x07 \x01(\x01\"l\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1c\n\x0fpartition_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_partition_index\"v\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x15.fedstream.v1.RunSpec\x12\x17\n\x0fpartition_index\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\"!\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xa2\x01\n\x0bRoundConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\"p\n\nRoundStart\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.RoundConfig\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.fedstream.v1.Manifest\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"1\n\x0bTransferEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\"@\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12&\n\x04kind\x18\x14 \x01(\x0e\x32\x18.fedstream.v1.FinishKind\"\xc0\x01\n\rServerMessage\x12/\n\x0bround_start\x18\x01 \x01(\x0b\x32\x18.fedstream.v1.RoundStartH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x12&\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x14.fedstream.v1.FinishH\x00\x42\x06\n\x04kind\"}\n\x0bTrainReport\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x1c\n\x14train_started_unix_s\x18\x03 \x01(\x01\x12\x1d\n\x15train_finished_unix_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x9b\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\x08manifest\x18\x04 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12)\n\x06report\x18\x05 \x01(\x0b\x32\x19.fedstream.v1.TrainReport\"\x95\x01\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x42\x06\n\x04kind\"\x1c\n\x0bUpdateReply\x12\r\n\x05round\x18\x01 \x01(\x04*s\n\nFinishKind\x12\x1b\n\x17\x46INISH_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46INISH_RUN_COMPLETE\x10\x01\x12\x1a\n\x16\x46INISH_SERVER_STOPPING\x10\x02\x12\x13\n\x0f\x46INISH_REPLACED\x10\x03\x32\xda\x01\n\nFederation\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12H\n\x0bWatchRounds\x12\x1a.fedstream.v1.WatchRequest\x1a\x1b.fedstream.v1.ServerMessage0\x01\x12\x46\n\nPushUpdate\x12\x1b.fedstream.v1.UpdateMessage\x1a\x19.fedstream.v1.UpdateReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedstream/common/pb/fedstream.proto\x12\x0c\x66\x65\x64stream.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"J\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"\x92\x01\n\x07RunSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x15\n\rtest_fraction\x18\x04 \x01(\x01\x12\x16\n\x0enum_partitions\x18\x05 \x01(\r\x12\x11\n\tpartition\x18\x06 \x01(\t\x12\x17\n\x0f\x64irichlet_alpha\x18\x07 \x01(\x01\"l\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1c\n\x0fpartition_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_partition_index\"\x8a\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\"\n\x03run\x18\x02 \x01(\x0b\x32\x15.fedstream.v1.RunSpec\x12\x17\n\x0fpartition_index\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x12\n\ncredential\x18\n \x01(\t\"!\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xa2\x01\n\x0bRoundConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x10\n\x08momentum\x18\x05 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x06 \x01(\x01\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x07 \x01(\x01\"p\n\nRoundStart\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.RoundConfig\x12(\n\x08manifest\x18\x03 \x01(\x0b\x32\x16.fedstream.v1.Manifest\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"1\n\x0bTransferEnd\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\"@\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12&\n\x04kind\x18\x14 \x01(\x0e\x32\x18.fedstream.v1.FinishKind\"\xc0\x01\n\rServerMessage\x12/\n\x0bround_start\x18\x01 \x01(\x0b\x32\x18.fedstream.v1.RoundStartH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x12&\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x14.fedstream.v1.FinishH\x00\x42\x06\n\x04kind\"}\n\x0bTrainReport\x12\x12\n\ntrain_loss\x18\x01 \x01(\x01\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x1c\n\x14train_started_unix_s\x18\x03 \x01(\x01\x12\x1d\n\x15train_finished_unix_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x9b\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\x08manifest\x18\x04 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12)\n\x06report\x18\x05 \x01(\x0b\x32\x19.fedstream.v1.TrainReport\"\x95\x01\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.fedstream.v1.TransferEndH\x00\x42\x06\n\x04kind\"\x1c\n\x0bUpdateReply\x12\r\n\x05round\x18\x01 \x01(\x04*s\n\nFinishKind\x12\x1b\n\x17\x46INISH_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46INISH_RUN_COMPLETE\x10\x01\x12\x1a\n\x16\x46INISH_SERVER_STOPPING\x10\x02\x12\x13\n\x0f\x46INISH_REPLACED\x10\x03\x32\xda\x01\n\nFederation\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12H\n\x0bWatchRounds\x12\x1a.fedstream.v1.WatchRequest\x1a\x1b.fedstream.v1.ServerMessage0\x01\x12\x46\n\nPushUpdate\x12\x1b.fedstream.v1.UpdateMessage\x1a\x19.fedstream.v1.UpdateReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedstream.common.pb.fedstream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHKIND']._serialized_start=1682
-  _globals['_FINISHKIND']._serialized_end=1797
+  _globals['_FINISHKIND']._serialized_start=1703
+  _globals['_FINISHKIND']._serialized_end=1818
   _globals['_TENSORSPEC']._serialized_start=53
   _globals['_TENSORSPEC']._serialized_end=109
   _globals['_MANIFEST']._serialized_start=111
@@ -41,30 +41,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSPEC']._serialized_end=334
   _globals['_JOINREQUEST']._serialized_start=336
   _globals['_JOINREQUEST']._serialized_end=444
-  _globals['_JOINREPLY']._serialized_start=446
-  _globals['_JOINREPLY']._serialized_end=564
-  _globals['_WATCHREQUEST']._serialized_start=566
-  _globals['_WATCHREQUEST']._serialized_end=599
-  _globals['_ROUNDCONFIG']._serialized_start=602
-  _globals['_ROUNDCONFIG']._serialized_end=764
-  _globals['_ROUNDSTART']._serialized_start=766
-  _globals['_ROUNDSTART']._serialized_end=878
-  _globals['_CHUNK']._serialized_start=880
-  _globals['_CHUNK']._serialized_end=901
-  _globals['_TRANSFEREND']._serialized_start=903
-  _globals['_TRANSFEREND']._serialized_end=952
-  _globals['_FINISH']._serialized_start=954
-  _globals['_FINISH']._serialized_end=1018
-  _globals['_SERVERMESSAGE']._serialized_start=1021
-  _globals['_SERVERMESSAGE']._serialized_end=1213
-  _globals['_TRAINREPORT']._serialized_start=1215
-  _globals['_TRAINREPORT']._serialized_end=1340
-  _globals['_UPDATEHEADER']._serialized_start=1343
-  _globals['_UPDATEHEADER']._serialized_end=1498
-  _globals['_UPDATEMESSAGE']._serialized_start=1501
-  _globals['_UPDATEMESSAGE']._serialized_end=1650
-  _globals['_UPDATEREPLY']._serialized_start=1652
-  _globals['_UPDATEREPLY']._serialized_end=1680
-  _globals['_FEDERATION']._serialized_start=1800
-  _globals['_FEDERATION']._serialized_end=2018
+  _globals['_JOINREPLY']._serialized_start=447
+  _globals['_JOINREPLY']._serialized_end=585
+  _globals['_WATCHREQUEST']._serialized_start=587
+  _globals['_WATCHREQUEST']._serialized_end=620
+  _globals['_ROUNDCONFIG']._serialized_start=623
+  _globals['_ROUNDCONFIG']._serialized_end=785
+  _globals['_ROUNDSTART']._serialized_start=787
+  _globals['_ROUNDSTART']._serialized_end=899
+  _globals['_CHUNK']._serialized_start=901
+  _globals['_CHUNK']._serialized_end=922
+  _globals['_TRANSFEREND']._serialized_start=924
+  _globals['_TRANSFEREND']._serialized_end=973
+  _globals['_FINISH']._serialized_start=975
+  _globals['_FINISH']._serialized_end=1039
+  _globals['_SERVERMESSAGE']._serialized_start=1042
+  _globals['_SERVERMESSAGE']._serialized_end=1234
+  _globals['_TRAINREPORT']._serialized_start=1236
+  _globals['_TRAINREPORT']._serialized_end=1361
+  _globals['_UPDATEHEADER']._serialized_start=1364
+  _globals['_UPDATEHEADER']._serialized_end=1519
+  _globals['_UPDATEMESSAGE']._serialized_start=1522
+  _globals['_UPDATEMESSAGE']._serialized_end=1671
+  _globals['_UPDATEREPLY']._serialized_start=1673
+  _globals['_UPDATEREPLY']._serialized_end=1701
+  _globals['_FEDERATION']._serialized_start=1821
+  _globals['_FEDERATION']._serialized_end=2039
 # @@protoc_insertion_point(module_scope)

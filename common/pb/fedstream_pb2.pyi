@@ -65,16 +65,18 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., partition_index: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "run", "partition_index", "max_message_bytes")
+    __slots__ = ("client_id", "run", "partition_index", "max_message_bytes", "credential")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     PARTITION_INDEX_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     run: RunSpec
     partition_index: int
     max_message_bytes: int
-    def __init__(self, client_id: _Optional[str] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., partition_index: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    credential: str
+    def __init__(self, client_id: _Optional[str] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., partition_index: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("client_id",)

@@ -55,7 +55,8 @@ class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Registers a client (or re-registers it after a reconnect, under the same id).
+        """Registers a client (or re-registers it after a reconnect, under the same id and
+        presenting the credential its first Join returned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

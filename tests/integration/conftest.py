@@ -12,10 +12,17 @@ import pytest
 import torch
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, decode, iter_payload
-from fedstream.common.messages import PROTOCOL_VERSION, RunSpec, TrainConfig, TrainReport
+from fedstream.common.messages import (
+    CREDENTIAL_METADATA_KEY,
+    PROTOCOL_VERSION,
+    RunSpec,
+    TrainConfig,
+    TrainReport,
+)
 from fedstream.common.messages import UpdateHeader as Header
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
+from fedstream.server.auth import TokenTable
 from fedstream.server.coordinator import Coordinator, CoordinatorConfig, RoundSummary
 from fedstream.server.main import start_server
 
@@ -49,6 +56,55 @@ def make_config(**overrides: object) -> CoordinatorConfig:
     return CoordinatorConfig(**values)  # type: ignore[arg-type]
 
 
+class _Credential:
+    """What a real client does with its credential, for hand-driven stubs: keep the one a
+    Join returns and present it on every later call of this channel."""
+
+    def __init__(self) -> None:
+        self.secret: str | None = None
+
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        if self.secret is None:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(CREDENTIAL_METADATA_KEY, self.secret)
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined, no-any-return]
+
+
+# grpc.aio files each interceptor under one call type only, hence one class per type.
+class _KeepCredential(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, credential: _Credential) -> None:
+        self.credential = credential
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        call = await continuation(self.credential.details(details), request)
+        reply = await call
+        if isinstance(reply, pb.JoinReply) and reply.credential:
+            self.credential.secret = reply.credential
+        return call
+
+
+class _PresentOnWatch(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, credential: _Credential) -> None:
+        self.credential = credential
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self.credential.details(details), request)
+
+
+class _PresentOnUpload(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, credential: _Credential) -> None:
+        self.credential = credential
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self.credential.details(details), request_iterator)
+
+
+def credential_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    credential = _Credential()
+    return [_KeepCredential(credential), _PresentOnWatch(credential), _PresentOnUpload(credential)]
+
+
 @dataclass
 class Harness:
     coordinator: Coordinator
@@ -58,7 +114,8 @@ class Harness:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     def stub(self) -> pb_grpc.FederationStub:
-        channel = grpc.aio.insecure_channel(self.address)
+        """A stub on its own channel that keeps and presents its Join's credential."""
+        channel = grpc.aio.insecure_channel(self.address, interceptors=credential_interceptors())
         self.channels.append(channel)
         return pb_grpc.FederationStub(channel)
 
@@ -67,7 +124,7 @@ class Harness:
 async def make_harness() -> AsyncIterator[object]:
     made: list[Harness] = []
 
-    async def factory(**overrides: object) -> Harness:
+    async def factory(tokens: TokenTable | None = None, **overrides: object) -> Harness:
         rounds: list[RoundSummary] = []
         coordinator = Coordinator(
             make_config(**overrides),
@@ -75,7 +132,7 @@ async def make_harness() -> AsyncIterator[object]:
             evaluate=lambda state: None,
             on_round=lambda summary, state: rounds.append(summary),
         )
-        server, port, _ = await start_server(coordinator, "127.0.0.1", 0)
+        server, port, _ = await start_server(coordinator, "127.0.0.1", 0, tokens=tokens)
         harness = Harness(coordinator, server, f"127.0.0.1:{port}", rounds)
         made.append(harness)
         return harness
@@ -94,11 +151,19 @@ class FakeClient:
         self.stub = stub
         self.client_id = client_id
         self.watch: grpc.aio.UnaryStreamCall | None = None
+        self.secret: str | None = None  # this id's credential (its stub presents it too)
 
     async def join(self) -> pb.JoinReply:
-        return await self.stub.Join(
+        reply: pb.JoinReply = await self.stub.Join(
             pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION)
         )
+        self.secret = reply.credential or self.secret
+        return reply
+
+    def credential_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata proving this client's id, for calls made outside its own stub."""
+        assert self.secret is not None, "join first"
+        return ((CREDENTIAL_METADATA_KEY, self.secret),)
 
     async def start_watch(self) -> None:
         self.watch = self.stub.WatchRounds(pb.WatchRequest(client_id=self.client_id))

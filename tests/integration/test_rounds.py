@@ -341,13 +341,13 @@ async def test_health_service_reports_serving(make_harness) -> None:
 
 async def test_joins_beyond_max_clients_get_resource_exhausted(make_harness) -> None:
     harness: Harness = await make_harness(max_clients=2)
-    await connect(harness, "a", "b")
+    a, _ = await connect(harness, "a", "b")
     late = FakeClient(harness.stub(), "c")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await late.join()
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    # A known client rejoining (after a reconnect) is not a new client.
-    again = await FakeClient(harness.stub(), "a").join()
+    # A known client rejoining (after a reconnect, with its credential) is not a new client.
+    again = await a.join()
     assert again.client_id == "a"
 
 

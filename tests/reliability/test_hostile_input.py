@@ -356,9 +356,13 @@ async def test_fuzzed_upload_streams_get_a_status_and_leave_no_trace(
     codes: collections.Counter[str] = collections.Counter()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    async def push(raw: list[bytes]) -> grpc.StatusCode:
+    # A stream under a fuzzed client's id presents that client's credential, so the fuzz
+    # reaches past authentication into the upload checks.
+    proofs = {client.client_id: client.credential_metadata() for client in clients}
+
+    async def push(raw: list[bytes], client_id: str | None) -> grpc.StatusCode:
         try:
-            await push_raw(iter(raw), timeout=CALL_TIMEOUT_S)
+            await push_raw(iter(raw), timeout=CALL_TIMEOUT_S, metadata=proofs.get(client_id or ""))
         except grpc.aio.AioRpcError as error:
             return error.code()
         return grpc.StatusCode.OK
@@ -372,7 +376,11 @@ async def test_fuzzed_upload_streams_get_a_status_and_leave_no_trace(
     def one_stream(raw: list[bytes]) -> None:
         parsed = _parse(raw)
         assume(parsed is None or not _could_be_accepted(parsed))
-        code = asyncio.run_coroutine_threadsafe(push(raw), loop).result(CALL_TIMEOUT_S + 5)
+        first = _parse(raw[:1])
+        claimed = first[0].header.client_id if first and first[0].HasField("header") else None
+        code = asyncio.run_coroutine_threadsafe(push(raw, claimed), loop).result(
+            CALL_TIMEOUT_S + 5
+        )
         codes[code.name] += 1
         assert code not in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED), code
         if parsed is not None:
@@ -461,7 +469,9 @@ async def test_undecodable_message_in_an_upload_is_invalid_argument(
     corrupt = [good[0].SerializeToString(), b"\x12\xff\xff\xff\xff\x0f"]
     try:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await push_raw(iter(corrupt), timeout=CALL_TIMEOUT_S)
+            await push_raw(
+                iter(corrupt), timeout=CALL_TIMEOUT_S, metadata=clients[0].credential_metadata()
+            )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
     finally:
         await _stop(run)
