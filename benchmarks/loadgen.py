@@ -139,7 +139,7 @@ async def simulate(address: str, client: SimClient, delta: ZeroDelta) -> None:
                 now = time.time()
                 header = pb.UpdateMessage(header=pb.UpdateHeader(
                     client_id=client.client_id, round=start.round, num_examples=1,
-                    manifest=start.manifest,
+                    manifest=start.manifest, plan_id=start.plan_id,
                     report=pb.TrainReport(train_started_unix_s=now, train_finished_unix_s=now,
                                           device="loadgen"),
                 ))

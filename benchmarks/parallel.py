@@ -39,7 +39,7 @@ def placements(clients: int) -> list[list[str]]:
 
 def run_case(clients: int, steps: int, rounds: int, log_dir: Path) -> dict[str, float]:
     flags = [
-        "--model", "cnn", "--dataset", "digits", "--no-evaluate",
+        "--model", "cnn", "--dataset", "digits", "--no-evaluate", "--evaluate-every", "0",
         "--min-clients", str(clients), "--rounds", str(rounds), "--round-retries", "0",
         "--local-epochs", str(steps), "--batch-size", str(BATCH),
         "--round-timeout", "600", "--join-timeout", "300",

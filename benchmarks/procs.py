@@ -263,7 +263,7 @@ def synthetic_server_flags(clients: int, rounds: int) -> list[str]:
     return [
         "--model", "benchmarks.models:synthetic",
         "--dataset", "digits",
-        "--no-evaluate",
+        "--no-evaluate", "--evaluate-every", "0",
         "--min-clients", str(clients),
         "--rounds", str(rounds),
         "--round-timeout", "900",

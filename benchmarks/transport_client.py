@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from fedstream.client.connection import FinishEvent, ServerConnection
 from fedstream.client.settings import ClientSettings
+from fedstream.client.trainer import LocalUpdate
 from fedstream.common.codec import Manifest
 from fedstream.common.messages import TrainReport
 
@@ -72,15 +73,17 @@ async def run(address: str, client_id: str, chunk_bytes: int, model_bytes: int) 
         async for event in connection.rounds(expected_manifest(model_bytes)):
             if isinstance(event, FinishEvent):
                 return
-            task = event.task
+            task = event.plan
             size = task.manifest.total_bytes
             emit("downloaded", round=task.round, t0=clock.round_started, t1=time.monotonic(),
                  bytes=size)
             await wait_go()
             started = time.monotonic()
             now = time.time()
-            report = TrainReport(0.0, 0, now, now, "cpu")
-            await connection.push_update(task.round, 1, event.global_state, report)
+            report = TrainReport(0, now, now, "cpu")
+            await connection.push_update(
+                LocalUpdate(task.round, task.plan_id, event.global_state, 1, {}, report)
+            )
             emit("uploaded", round=task.round, t0=started, t1=time.monotonic(), bytes=size)
     finally:
         await connection.close()

@@ -21,16 +21,18 @@ import grpc
 import torch
 from fedstream.client.credential import CredentialKeeper, default_state_dir
 from fedstream.client.settings import ClientSettings, split_host_port
+from fedstream.client.trainer import LocalEvaluation, LocalUpdate
 from fedstream.common import wire
 from fedstream.common.codec import Manifest, PayloadAssembler, iter_payload
 from fedstream.common.errors import ManifestError, TransferError
 from fedstream.common.messages import (
     CREDENTIAL_METADATA_KEY,
     PROTOCOL_VERSION,
+    EvaluationResult,
+    FailureReport,
     FinishKind,
-    RoundTask,
+    RoundPlan,
     RunSpec,
-    TrainReport,
     UpdateHeader,
 )
 from fedstream.common.pb import fedstream_pb2 as pb
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 << 20
 JOIN_ATTEMPT_TIMEOUT_S = 30.0  # one Join: a server that accepts but never answers is down
+REPORT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Joined:
 
 @dataclass(frozen=True)
 class RoundEvent:
-    task: RoundTask
+    plan: RoundPlan
     global_state: dict[str, torch.Tensor]
 
 
@@ -211,7 +214,7 @@ class ServerConnection:
         stall_s = self.settings.download_stall_timeout_s
         clock = asyncio.get_running_loop().time
         last_progress = clock()
-        task: RoundTask | None = None
+        task: RoundPlan | None = None
         assembler: PayloadAssembler | None = None
         try:
             async for message in call:
@@ -260,20 +263,18 @@ class ServerConnection:
         finally:
             call.cancel()
 
-    async def push_update(
-        self,
-        round_number: int,
-        num_examples: int,
-        delta: dict[str, torch.Tensor],
-        report: TrainReport,
-    ) -> None:
-        manifest = Manifest.of(delta)
-        header = UpdateHeader(self.client_id, round_number, num_examples, manifest, report)
+    async def push_update(self, update: LocalUpdate) -> None:
+        """Stream one delta under its plan id; returns once the server folded it."""
+        manifest = Manifest.of(update.delta)
+        header = UpdateHeader(
+            self.client_id, update.round, update.num_examples, manifest, update.report,
+            plan_id=update.plan_id, metrics=update.metrics,
+        )
 
         def messages() -> Iterator[pb.UpdateMessage]:
             yield wire.update_header_to_pb(header)
             crc, sent = 0, 0
-            for chunk in iter_payload(delta, manifest, self.settings.chunk_size_bytes):
+            for chunk in iter_payload(update.delta, manifest, self.settings.chunk_size_bytes):
                 crc = zlib.crc32(chunk, crc)
                 sent += len(chunk)
                 yield pb.UpdateMessage(chunk=pb.Chunk(data=chunk))
@@ -282,3 +283,23 @@ class ServerConnection:
         # No wait_for_ready: a server that is gone fails the upload at once (the caller
         # retries), instead of holding the client until it comes back.
         await self.stub.PushUpdate(messages(), metadata=self._metadata)
+
+    async def submit_evaluation(self, evaluation: LocalEvaluation) -> None:
+        result = EvaluationResult(
+            self.client_id, evaluation.round, evaluation.plan_id, evaluation.num_examples,
+            evaluation.metrics,
+        )
+        await self.stub.SubmitEvaluation(
+            wire.evaluation_to_pb(result), metadata=self._metadata, timeout=REPORT_TIMEOUT_S
+        )
+
+    async def report_failure(self, plan_id: str, reason: str, leaving: bool = False) -> None:
+        """Tell the server why this client fails a plan or leaves; best effort."""
+        report = FailureReport(self.client_id, plan_id, reason, leaving)
+        try:
+            await self.stub.ReportFailure(
+                wire.failure_to_pb(report), metadata=self._metadata, timeout=REPORT_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            log.debug("could not report the failure to the server: %s", error.code().name)
+

@@ -9,17 +9,20 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 
 import grpc
+import torch
 from fedstream.client.connection import Backoff, FinishEvent, ServerConnection
 from fedstream.client.device import configure_threads, select_device
 from fedstream.client.settings import ENV_PREFIX, ClientSettings
-from fedstream.client.trainer import LocalTrainer, LocalUpdate
+from fedstream.client.trainer import LocalUpdate, TaskRunner
 from fedstream.common.config import add_flags, parse_into
-from fedstream.common.errors import ConfigError, ManifestError, TransferError
+from fedstream.common.errors import ConfigError, ManifestError, TaskError, TransferError
 from fedstream.common.logs import setup_logging
-from fedstream.common.messages import FinishKind
+from fedstream.common.messages import FinishKind, PlanKind, RoundPlan
+from fedstream.common.version import version_line
 
 log = logging.getLogger("fedstream.client")
 
@@ -34,7 +37,9 @@ RECONNECT_CODES = {
 UPLOAD_ATTEMPTS = 3
 
 # Exit statuses (README, "fl-client"): 0 run complete, 1 server unreachable or refused
-# this client, 2 invalid setting, 3 the server broke the protocol too often, 130 signal.
+# this client, 2 invalid setting or a task that does not match the server's, 3 the
+# server broke the protocol too often, 130 signal.
+EXIT_SETTINGS = 2
 EXIT_PROTOCOL = 3
 
 
@@ -45,20 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         "own data on its own device, and streams its weight delta back.",
     )
     parser.add_argument("--config", help="TOML file with settings (flags and FL_CLIENT_* win)")
+    parser.add_argument("--version", action="version", version=version_line("fl-client"))
     add_flags(parser, ClientSettings, renames={"connect_timeout_s": "--connect-timeout"})
     return parser
 
 
-async def _upload(
-    connection: ServerConnection, update: LocalUpdate, settings: ClientSettings, round_number: int
-) -> None:
+async def _upload(connection: ServerConnection, update: LocalUpdate, settings: ClientSettings
+                  ) -> None:
     """Upload with retries on a broken connection; a duplicate means an earlier try landed."""
     backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+    round_number = update.round
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         try:
-            await connection.push_update(
-                update.round, update.num_examples, update.delta, update.report
-            )
+            await connection.push_update(update)
             log.info("round %d: upload accepted", round_number)
             return
         except grpc.aio.AioRpcError as error:
@@ -77,13 +81,59 @@ async def _upload(
             return
 
 
-async def run_client(settings: ClientSettings) -> int:
+def _shown(metrics: dict[str, float]) -> str:
+    return "  ".join(
+        f"{key} {value:.4f}" if not value.is_integer() else f"{key} {int(value)}"
+        for key, value in sorted(metrics.items())
+    )
+
+
+async def _take_part(
+    connection: ServerConnection,
+    runner: TaskRunner,
+    plan: RoundPlan,
+    global_state: dict[str, torch.Tensor],
+    settings: ClientSettings,
+) -> None:
+    """Run one plan (train or evaluate) and answer it; a task error fails this plan only."""
+    try:
+        if plan.kind is PlanKind.EVALUATE:
+            evaluation = await asyncio.to_thread(runner.evaluate_round, plan, global_state)
+            log.info("round %d: evaluated: %s", plan.round, _shown(evaluation.metrics))
+            await connection.submit_evaluation(evaluation)
+            return
+        log.info("round %d: received global model, training", plan.round)
+        update = await asyncio.to_thread(runner.train_round, plan, global_state)
+    except TaskError as error:
+        log.error("round %d: %s", plan.round, error)
+        await connection.report_failure(plan.plan_id, str(error))
+        return
+    except Exception as error:
+        # The task's own code crashed: say so to the server, then let the traceback show.
+        await connection.report_failure(
+            plan.plan_id, f"task crashed: {type(error).__name__}: {error}", leaving=True
+        )
+        raise
+    log.info(
+        "round %d: trained in %.2fs: %s",
+        plan.round,
+        update.report.train_finished_unix_s - update.report.train_started_unix_s,
+        _shown(update.metrics),
+    )
+    await _upload(connection, update, settings)
+
+
+async def run_client(settings: ClientSettings, stop: threading.Event | None = None) -> int:
+    """Take part in rounds until the server finishes the run; returns the exit status.
+
+    ``stop``, when set (on SIGTERM), makes the task's training return at its next step.
+    """
     device = select_device(settings.gpu)
     threads = configure_threads(device, settings.num_threads)
     client_id = settings.client_id or f"{socket.gethostname()}-{os.getpid()}"
     log.info("client %s on %s (%d threads), server %s", client_id, device, threads, settings.server)
     connection = ServerConnection(settings, client_id)
-    trainer: LocalTrainer | None = None
+    runner: TaskRunner | None = None
     # Reset only by a verified download, never by a mere Join: a server that accepts every
     # Join and then sends garbage must not be retried at full speed.
     backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
@@ -94,15 +144,23 @@ async def run_client(settings: ClientSettings) -> int:
         while True:
             joining = True
             try:
-                hint = settings.partition_index if trainer is None else trainer.partition[0]
+                hint = settings.partition_index if runner is None else runner.partition.index
                 waited = 0.0 if unreachable_since is None else clock() - unreachable_since
                 joined = await connection.join(hint, settings.connect_timeout_s - waited)
                 unreachable_since, joining = None, False
-                if trainer is None:
-                    trainer = await asyncio.to_thread(
-                        LocalTrainer, settings, joined.run, joined.partition_index, device
-                    )
-                active: LocalTrainer = trainer
+                if runner is None:
+                    try:
+                        built: TaskRunner = await asyncio.to_thread(
+                            TaskRunner, settings, joined.run, joined.partition_index, device
+                        )
+                    except (TaskError, ConfigError) as error:
+                        log.error("cannot take part: %s", error)
+                        await connection.report_failure("", str(error), leaving=True)
+                        return EXIT_SETTINGS
+                    if stop is not None:
+                        built.stop = stop
+                    runner = built
+                active: TaskRunner = runner
                 async for event in connection.rounds(active.manifest):
                     backoff.reset()
                     protocol_errors = 0
@@ -127,19 +185,7 @@ async def run_client(settings: ClientSettings) -> int:
                         )
                         unreachable_since = clock()
                         break
-                    task = event.task
-                    log.info("round %d: received global model, training", task.round)
-                    update = await asyncio.to_thread(
-                        active.train_round, task.round, task.config, event.global_state
-                    )
-                    log.info(
-                        "round %d: trained %d steps, loss %.4f, %.2fs",
-                        task.round,
-                        update.report.steps,
-                        update.report.train_loss,
-                        update.report.train_finished_unix_s - update.report.train_started_unix_s,
-                    )
-                    await _upload(connection, update, settings, task.round)
+                    await _take_part(connection, active, event.plan, event.global_state, settings)
                 else:
                     log.warning("round stream ended without Finish; reconnecting")
             except (TransferError, ManifestError) as error:
@@ -195,10 +241,17 @@ async def run_client(settings: ClientSettings) -> int:
 async def _main(settings: ClientSettings) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+    stop = threading.Event()
+
+    def on_signal() -> None:
+        stop.set()  # training returns at its next step, so the thread does not linger
+        if task is not None:
+            task.cancel()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda: task.cancel() if task else None)
+        loop.add_signal_handler(signum, on_signal)
     try:
-        return await run_client(settings)
+        return await run_client(settings, stop)
     except asyncio.CancelledError:
         log.warning("stopping on signal")
         return 130
@@ -214,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level, f"client[{settings.client_id or os.getpid()}]")
     try:
         return asyncio.run(_main(settings))
-    except ConfigError as error:
+    except (ConfigError, TaskError) as error:
         log.error("%s", error)
         return 2
 

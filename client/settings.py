@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from fedstream.common.config import KeyValues
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 ENV_PREFIX = "FL_CLIENT_"
@@ -66,6 +67,17 @@ class ClientSettings(BaseModel):
     )
     data_dir: Path = Field(Path("data"), description="folder holding downloaded datasets")
     download: bool = Field(False, description="download the dataset into --data-dir if missing")
+    task: str | None = Field(
+        None,
+        description="task to run: classification (built in) or package.module:Task; must be "
+        "the server's (default: classification)",
+    )
+    task_opt: KeyValues = Field(
+        default_factory=dict, description="task option key=value (over the server's)"
+    )
+    model: str | None = Field(
+        None, description="model of the built-in task (default: the server's, if built in)"
+    )
     dataset: str | None = Field(None, description="dataset override (default: the server's)")
     partition_index: int | None = Field(
         None, ge=0, description="data shard this client takes (default: assigned by the server)"

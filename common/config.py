@@ -13,13 +13,49 @@ import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_origin
 
 from fedstream.common.errors import ConfigError
-from pydantic import BaseModel, ValidationError
+from fedstream.common.messages import Scalar
+from pydantic import BaseModel, BeforeValidator, ValidationError
 from pydantic_core import PydanticUndefined
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def parse_scalar(text: str) -> Scalar:
+    """A ``key=value`` value as what it looks like: bool, int, float or text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _key_values(value: object) -> dict[str, str]:
+    """``key=value`` pairs from repeated flags (a list), an environment variable
+    (``a=1,b=2``) or a TOML table, as a dict of strings."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in value.items()}
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected key=value pairs")
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not key=value")
+        pairs[key.strip()] = text.strip()
+    return pairs
+
+
+# A settings field of repeatable ``--flag key=value`` options.
+KeyValues = Annotated[dict[str, str], BeforeValidator(_key_values)]
 
 
 def flag_name(field: str) -> str:
@@ -49,7 +85,12 @@ def add_flags(
         if help_text and "default" not in help_text:
             help_text += f" (default: {default!r})"
         annotation = field.annotation
-        if annotation is bool:
+        if get_origin(annotation) is dict:
+            parser.add_argument(
+                *flags, dest=name, action="append", default=argparse.SUPPRESS,
+                metavar="KEY=VALUE", help=(help_text or "") + "; repeatable",
+            )
+        elif annotation is bool:
             parser.add_argument(
                 *flags,
                 dest=name,

@@ -71,6 +71,28 @@ def load_digits(seed: int, test_fraction: float) -> Splits:
     return Splits(train_x, train_y, test_x, test_y, 10, scale=1 / 16, mean=(0.3,), std=(0.4,))
 
 
+# The files torchvision's loaders read, per dataset (under data_dir).
+EXPECTED_FILES = {
+    "mnist": [f"MNIST/raw/{n}" for n in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")],
+    "fashion-mnist": [f"FashionMNIST/raw/{n}" for n in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")],
+    "cifar10": [f"cifar-10-batches-py/{n}" for n in (
+        "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+        "test_batch")],
+}
+
+
+def missing_files(name: str, root: Path) -> list[str]:
+    """The files of ``name`` that are not under ``root`` (MNIST's may be gzipped)."""
+    return [
+        relative for relative in EXPECTED_FILES[name]
+        if not (root / relative).is_file() and not (root / f"{relative}.gz").is_file()
+    ]
+
+
 def _torchvision_set(name: str, root: Path, train: bool, download: bool) -> object:
     from torchvision import datasets
 
@@ -79,11 +101,18 @@ def _torchvision_set(name: str, root: Path, train: bool, download: bool) -> obje
         "fashion-mnist": datasets.FashionMNIST,
         "cifar10": datasets.CIFAR10,
     }[name]
+    missing = missing_files(name, root)
+    if missing and not download:
+        raise ConfigError(
+            f"dataset {name!r}: {len(missing)} of its files are not in {root.resolve()}: "
+            f"{', '.join(missing)}. Copy them there, or pass --download on a machine that "
+            "can reach the internet (only the test split? use a dataset function, see "
+            "examples/mnist)"
+        )
     try:
         return cls(root=str(root), train=train, download=download)
     except RuntimeError as exc:
-        hint = "" if download else " (pass --download to fetch it)"
-        raise ConfigError(f"dataset {name!r} not found under {root}{hint}: {exc}") from exc
+        raise ConfigError(f"dataset {name!r} could not be read from {root}: {exc}") from exc
 
 
 def load_torchvision(name: str, data_dir: Path, download: bool) -> Splits:

@@ -42,3 +42,7 @@ class RoundFailed(FedstreamError):
 
 class TransferError(FedstreamError):
     """A model download was incomplete, corrupt or inconsistent."""
+
+
+class TaskError(FedstreamError):
+    """A task cannot be loaded, or its model, data, config or metrics are not usable."""

@@ -19,6 +19,7 @@ import enum
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,17 @@ from typing import Any
 import torch
 from fedstream.common.codec import Manifest, crc32_of
 from fedstream.common.errors import AggregateError, ManifestError, RoundFailed, UploadRejected
-from fedstream.common.messages import FinishKind, RoundTask, RunSpec, TrainConfig, UpdateHeader
+from fedstream.common.messages import (
+    EvaluationResult,
+    FailureReport,
+    FinishKind,
+    PlanKind,
+    RoundPlan,
+    RunSpec,
+    Scalar,
+    UpdateHeader,
+)
+from fedstream.common.task import MAX_EXAMPLES, Metrics, weighted_mean
 from fedstream.server.aggregate import DeltaAccumulator
 from fedstream.server.registry import Admission, Attachment, ClientSession, Finish, Registry
 from fedstream.server.upload import DEFAULT_MAX_ABS, UploadReceiver
@@ -43,12 +54,21 @@ class RoundPhase(enum.Enum):
 
         WAITING --(enough clients)--> COLLECTING --(all reported / deadline)--> AGGREGATING
            |                              |                                      |
-           +--(join timeout)--> FAILED    +----(too few successes)--> FAILED     +--> DONE
+           +--(join timeout)--> FAILED    +----(too few successes)--> FAILED     |
+                                                                                 v
+                             DONE <--(all evaluated / deadline)-- EVALUATING <---+
+                               ^                                                 |
+                               +------------(no federated evaluation)------------+
+
+    EVALUATING sends the new global model to some clients (``--fraction-evaluate``)
+    with an EVALUATE plan and collects their metrics; it never changes the model, and a
+    client that fails it only misses from the round's federated metrics.
     """
 
     WAITING = "waiting"
     COLLECTING = "collecting"
     AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
     DONE = "done"
     FAILED = "failed"
 
@@ -56,7 +76,8 @@ class RoundPhase(enum.Enum):
 _TRANSITIONS = {
     RoundPhase.WAITING: {RoundPhase.COLLECTING, RoundPhase.FAILED},
     RoundPhase.COLLECTING: {RoundPhase.AGGREGATING, RoundPhase.FAILED},
-    RoundPhase.AGGREGATING: {RoundPhase.DONE, RoundPhase.FAILED},
+    RoundPhase.AGGREGATING: {RoundPhase.EVALUATING, RoundPhase.DONE, RoundPhase.FAILED},
+    RoundPhase.EVALUATING: {RoundPhase.DONE},
     RoundPhase.DONE: set(),
     RoundPhase.FAILED: set(),
 }
@@ -66,10 +87,52 @@ _TRANSITIONS = {
 class ClientResult:
     client_id: str
     num_examples: int
-    train_loss: float
+    metrics: Mapping[str, float]
     train_started_unix_s: float
     train_finished_unix_s: float
     device: str
+    upload_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    client_id: str
+    num_examples: int
+    metrics: Mapping[str, float]
+
+
+def new_plan_id() -> str:
+    """A fresh id for one attempt of one round (or one evaluation): never reused."""
+    return secrets.token_hex(8)
+
+
+@dataclass
+class EvaluationState:
+    """Federated evaluation of one round's new global model."""
+
+    number: int
+    plan_id: str
+    selected: frozenset[str]
+    results: dict[str, ClientEvaluation] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record_failure(self, client_id: str, why: str) -> None:
+        if client_id in self.selected and client_id not in self.results:
+            if client_id not in self.failures:
+                log.warning("round %d: client %s failed evaluation: %s", self.number,
+                            client_id, why)
+            self.failures[client_id] = why
+            self._check_settled()
+
+    def record(self, result: ClientEvaluation) -> None:
+        self.failures.pop(result.client_id, None)
+        self.results[result.client_id] = result
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        if len(self.results) + len(self.failures) >= len(self.selected):
+            self.settled.set()
 
 
 @dataclass
@@ -78,12 +141,13 @@ class RoundState:
     selected: frozenset[str]
     deadline: float  # loop.time()
     accumulator: DeltaAccumulator
+    plan_id: str = field(default_factory=new_plan_id)
     phase: RoundPhase = RoundPhase.WAITING
     results: dict[str, ClientResult] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     why_failed: str = ""
-    task: RoundTask | None = None  # what each selected client is sent
+    task: RoundPlan | None = None  # what each selected client is sent
 
     def move_to(self, phase: RoundPhase) -> None:
         if phase not in _TRANSITIONS[self.phase]:
@@ -116,19 +180,30 @@ class UploadTicket:
     round: int
     num_examples: int
     header: UpdateHeader
+    plan_id: str = ""
 
 
 @dataclass(frozen=True)
 class RoundSummary:
+    """What one completed round did: the aggregated metrics of training, of the
+    server's own evaluation and of the federated evaluation, and every client's part."""
+
     round: int
     selected: int
     succeeded: int
     failures: Mapping[str, str]
-    train_loss: float
-    test_loss: float | None
-    accuracy: float | None
+    train: Mapping[str, float]
+    server_eval: Mapping[str, float] | None
     wall_time_s: float
     clients: tuple[ClientResult, ...]
+    federated_eval: Mapping[str, float] | None = None
+    evaluations: tuple[ClientEvaluation, ...] = ()
+    evaluation_failures: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float | None:
+        """The server-side accuracy, when the task reports one."""
+        return None if self.server_eval is None else self.server_eval.get("accuracy")
 
 
 @dataclass(frozen=True)
@@ -144,15 +219,21 @@ class CoordinatorConfig:
     spool_memory_bytes: int
     spool_dir: Path | None
     seed: int
-    train: TrainConfig
     run: RunSpec
+    # The config map every selected client gets with its plan (local_epochs, ...).
+    round_config: Mapping[str, Scalar] = field(default_factory=dict)
     max_clients: int = 1000
     max_num_examples: int = 1_000_000_000
     max_update_abs: float = DEFAULT_MAX_ABS
+    # Federated evaluation after every N-th round (0: never) on this share of clients.
+    evaluate_every: int = 0
+    fraction_evaluate: float = 1.0
 
 
-Evaluate = Callable[[Mapping[str, torch.Tensor]], tuple[float, float] | None]
-OnRound = Callable[[RoundSummary, Mapping[str, torch.Tensor]], None]
+Evaluate = Callable[[Mapping[str, torch.Tensor]], Metrics | None]
+# Called after each completed round; True ends the run early (a stop rule was met).
+OnRound = Callable[[RoundSummary, Mapping[str, torch.Tensor]], bool | None]
+AggregateMetrics = Callable[[list[tuple[int, Metrics]]], dict[str, float]]
 
 
 class Coordinator:
@@ -165,8 +246,10 @@ class Coordinator:
         evaluate: Evaluate,
         on_round: OnRound,
         first_round: int = 1,
+        aggregate_metrics: AggregateMetrics = weighted_mean,
     ) -> None:
         self.config = config
+        self._aggregate_metrics = aggregate_metrics
         self.global_state = {k: v.detach().cpu().contiguous() for k, v in global_state.items()}
         self.manifest = Manifest.of(self.global_state)
         self._evaluate = evaluate
@@ -174,6 +257,7 @@ class Coordinator:
         self.first_round = first_round
         self.registry = Registry(config.max_clients, config.run.num_partitions)
         self.current: RoundState | None = None
+        self.evaluation: EvaluationState | None = None
         self.payload_crc = 0
         self.finished = False
         self._finish: Finish | None = None  # what every client is told once the run ends
@@ -181,6 +265,7 @@ class Coordinator:
         self._fold_lock = asyncio.Lock()
         self._uploading: set[str] = set()
         self._detached = asyncio.Event()
+        self._stop_early = False
 
     # ---- membership (called by handlers) -------------------------------------------
 
@@ -228,6 +313,8 @@ class Coordinator:
         self._detached.set()
         if self.current is not None:
             self.current.record_failure(attachment.client_id, why)
+        if self.evaluation is not None:
+            self.evaluation.record_failure(attachment.client_id, why)
 
     def finish_delivered(self, client_id: str) -> None:
         session = self.sessions.get(client_id)
@@ -252,16 +339,23 @@ class Coordinator:
 
     # ---- download (called by the WatchRounds handler) ----------------------------------
 
-    def selected_count(self, round_number: int) -> int:
-        state = self.current
-        return len(state.selected) if state is not None and state.number == round_number else 0
+    def selected_count(self, plan_id: str) -> int:
+        """How many clients download the model under ``plan_id``."""
+        for plan in (self.current, self.evaluation):
+            if plan is not None and plan.plan_id == plan_id:
+                return len(plan.selected)
+        return 0
 
-    def is_open(self, round_number: int) -> bool:
-        state = self.current
+    def is_open(self, plan_id: str) -> bool:
+        """Whether ``plan_id`` still wants answers (its download may go on)."""
+        state, evaluation = self.current, self.evaluation
+        if state is not None and state.plan_id == plan_id:
+            return state.phase is RoundPhase.COLLECTING
         return (
-            state is not None
-            and state.number == round_number
-            and state.phase is RoundPhase.COLLECTING
+            evaluation is not None
+            and evaluation.plan_id == plan_id
+            and state is not None
+            and state.phase is RoundPhase.EVALUATING
         )
 
     # ---- upload (called by the PushUpdate handler) -------------------------------------
@@ -281,6 +375,13 @@ class Coordinator:
                 f"{who}: upload for round {header.round}, current round is {now}",
                 reason="stale_round",
             )
+        if header.plan_id != state.plan_id:
+            # The same round number, but an earlier attempt of it (or a forged id).
+            raise UploadRejected(
+                f"{who}: upload for plan {header.plan_id!r} of round {header.round}; that "
+                f"attempt is over (the round was retried)",
+                reason="stale_round",
+            )
         if header.client_id not in state.selected:
             raise UploadRejected(
                 f"{who} was not selected for round {state.number}", reason="not_selected"
@@ -295,12 +396,12 @@ class Coordinator:
         if not all(
             math.isfinite(value)
             for value in (
-                report.train_loss,
+                *header.metrics.values(),
                 report.train_started_unix_s,
                 report.train_finished_unix_s,
             )
         ):
-            raise UploadRejected(f"{who}: training report holds NaN or Inf")
+            raise UploadRejected(f"{who}: training report holds NaN or Inf", reason="non_finite")
         if header.num_examples < 1:
             raise UploadRejected(f"{who}: num_examples must be positive")
         if header.num_examples > self.config.max_num_examples:
@@ -312,7 +413,9 @@ class Coordinator:
         if difference is not None:
             raise ManifestError(f"{who}, round {state.number}: {difference}")
         self._uploading.add(header.client_id)
-        return UploadTicket(header.client_id, state.number, header.num_examples, header)
+        return UploadTicket(
+            header.client_id, state.number, header.num_examples, header, state.plan_id
+        )
 
     def end_upload(self, ticket: UploadTicket) -> None:
         """Release the client's upload slot, whatever became of the upload."""
@@ -341,7 +444,7 @@ class Coordinator:
         receiver.check_finite()  # found while the chunks arrived: no second pass
         async with self._fold_lock:
             state = self.current
-            if state is None or not self.is_open(ticket.round):
+            if state is None or not self.is_open(ticket.plan_id):
                 raise UploadRejected(
                     f"client {ticket.client_id!r}: round {ticket.round} closed before the "
                     "upload completed",
@@ -358,19 +461,70 @@ class Coordinator:
                 ClientResult(
                     ticket.client_id,
                     ticket.num_examples,
-                    report.train_loss,
+                    dict(ticket.header.metrics),
                     report.train_started_unix_s,
                     report.train_finished_unix_s,
                     report.device,
+                    ticket.header.manifest.total_bytes,
                 )
             )
         log.debug(
-            "round %d: client %s uploaded (%d examples, loss %.4f)",
+            "round %d: client %s uploaded (%d examples)",
             ticket.round,
             ticket.client_id,
             ticket.num_examples,
-            report.train_loss,
         )
+
+    # ---- evaluation results and failure reports (called by handlers) -----------------
+
+    def submit_evaluation(self, result: EvaluationResult) -> None:
+        """Record a client's metrics for the open federated evaluation."""
+        evaluation = self.evaluation
+        who = f"client {result.client_id!r}"
+        if evaluation is None or not self.is_open(result.plan_id):
+            raise UploadRejected(
+                f"{who}: evaluation for plan {result.plan_id!r} of round {result.round} is "
+                "not open",
+                reason="stale_round",
+            )
+        if result.client_id not in evaluation.selected:
+            raise UploadRejected(
+                f"{who} was not asked to evaluate round {evaluation.number}",
+                reason="not_selected",
+            )
+        if result.client_id in evaluation.results:
+            raise UploadRejected(
+                f"{who} already evaluated round {evaluation.number}", reason="duplicate"
+            )
+        if not 1 <= result.num_examples <= MAX_EXAMPLES:
+            raise UploadRejected(f"{who}: num_examples {result.num_examples} is outside 1..2**40")
+        if not all(math.isfinite(v) for v in result.metrics.values()):
+            raise UploadRejected(f"{who}: evaluation metrics hold NaN or Inf", reason="non_finite")
+        evaluation.record(
+            ClientEvaluation(result.client_id, result.num_examples, dict(result.metrics))
+        )
+
+    def report_failure(self, report: FailureReport) -> bool:
+        """A client says why it fails its plan (or leaves): counted at once. Returns
+        whether the report matched an open plan of that client."""
+        state, evaluation = self.current, self.evaluation
+        why = f"client reports: {report.reason}"
+        counted = False
+        if state is not None and state.phase is RoundPhase.COLLECTING and (
+            report.plan_id == state.plan_id or (report.leaving and not report.plan_id)
+        ):
+            counted = report.client_id in state.selected and report.client_id not in state.results
+            state.record_failure(report.client_id, why)
+        if evaluation is not None and self.is_open(evaluation.plan_id) and (
+            report.plan_id == evaluation.plan_id or (report.leaving and not report.plan_id)
+        ):
+            counted = counted or report.client_id in evaluation.selected
+            evaluation.record_failure(report.client_id, why)
+        log.warning(
+            "client %s %s: %s", report.client_id,
+            "leaves the run" if report.leaving else "failed its plan", report.reason,
+        )
+        return counted
 
     # ---- the round loop ------------------------------------------------------------
 
@@ -417,16 +571,18 @@ class Coordinator:
             accumulator=accumulator,
         )
         self.current = state
+        self.evaluation = None
         state.move_to(RoundPhase.COLLECTING)
-        state.task = task = RoundTask(
-            number,
-            dataclasses.replace(
-                self.config.train, deadline_unix_s=time.time() + self.config.round_timeout_s
-            ),
-            self.manifest,
+        state.task = plan = RoundPlan(
+            round=number,
+            plan_id=state.plan_id,
+            kind=PlanKind.TRAIN,
+            config=dict(self.config.round_config),
+            deadline_unix_s=time.time() + self.config.round_timeout_s,
+            manifest=self.manifest,
         )
         for client_id in sorted(selected):
-            self.sessions[client_id].inbox.put_nowait(task)
+            self.sessions[client_id].inbox.put_nowait(plan)
         log.debug("round %d: started with %d clients", number, len(selected))
         try:
             async with asyncio.timeout_at(state.deadline):
@@ -461,24 +617,70 @@ class Coordinator:
             state.why_failed = f"its aggregate was refused: {error}"
             log.error("round %d failed: %s", number, state.why_failed)
             return None
-        evaluation = await asyncio.to_thread(self._evaluate, self.global_state)
+        server_eval = await asyncio.to_thread(self._evaluate, self.global_state)
         results = tuple(state.results[c] for c in sorted(state.results))
-        total = sum(r.num_examples for r in results)
+        train = self._aggregate_metrics([(r.num_examples, r.metrics) for r in results])
+        evaluation = await self._evaluate_federated(state)
         summary = RoundSummary(
             round=number,
             selected=len(selected),
             succeeded=len(results),
             failures=dict(state.failures),
-            # Weights below 1 first: a finite loss of 1e300 times its examples would not be.
-            train_loss=sum(r.train_loss * (r.num_examples / total) for r in results),
-            test_loss=None if evaluation is None else evaluation[0],
-            accuracy=None if evaluation is None else evaluation[1],
+            train=train,
+            server_eval=None if server_eval is None else dict(server_eval),
             wall_time_s=time.perf_counter() - started,
             clients=results,
+            federated_eval=None if evaluation is None or not evaluation.results else
+            self._aggregate_metrics(
+                [(e.num_examples, e.metrics) for e in evaluation.results.values()]
+            ),
+            evaluations=() if evaluation is None else tuple(
+                evaluation.results[c] for c in sorted(evaluation.results)
+            ),
+            evaluation_failures={} if evaluation is None else dict(evaluation.failures),
         )
-        await asyncio.to_thread(self._on_round, summary, self.global_state)
+        self._stop_early = bool(await asyncio.to_thread(self._on_round, summary,
+                                                        self.global_state))
         state.move_to(RoundPhase.DONE)
         return summary
+
+    def _evaluates(self, number: int) -> bool:
+        every = self.config.evaluate_every
+        return every > 0 and (number % every == 0 or number == self.config.rounds)
+
+    async def _evaluate_federated(self, state: RoundState) -> EvaluationState | None:
+        """Send the new global model to a share of the clients to evaluate on their own
+        held-out data, and collect their metrics until all answered or the deadline."""
+        if not self._evaluates(state.number):
+            return None
+        connected = self.connected_clients()
+        want = max(1, math.ceil(self.config.fraction_evaluate * len(connected)))
+        chosen = connected if want >= len(connected) else random.Random(
+            self.config.seed * 100_019 + state.number
+        ).sample(connected, want)
+        if not chosen:
+            return None
+        state.move_to(RoundPhase.EVALUATING)
+        self.payload_crc = await asyncio.to_thread(crc32_of, self.global_state, self.manifest)
+        evaluation = EvaluationState(state.number, new_plan_id(), frozenset(chosen))
+        self.evaluation = evaluation
+        plan = RoundPlan(
+            round=state.number,
+            plan_id=evaluation.plan_id,
+            kind=PlanKind.EVALUATE,
+            config=dict(self.config.round_config),
+            deadline_unix_s=time.time() + self.config.round_timeout_s,
+            manifest=self.manifest,
+        )
+        for client_id in sorted(evaluation.selected):
+            self.sessions[client_id].inbox.put_nowait(plan)
+        try:
+            async with asyncio.timeout(self.config.round_timeout_s):
+                await evaluation.settled.wait()
+        except TimeoutError:
+            for client_id in sorted(evaluation.selected - evaluation.results.keys()):
+                evaluation.failures.setdefault(client_id, "no evaluation within the round timeout")
+        return evaluation
 
     async def run(self) -> list[RoundSummary]:
         """Run every round; raise RoundFailed when a round cannot be completed."""
@@ -504,8 +706,12 @@ class Coordinator:
                         f"round {number} failed {self.config.round_retries + 1} times "
                         f"(last: {why})"
                     )
+                if self._stop_early:
+                    break
         finally:
-            if len(summaries) + self.first_round > self.config.rounds:
+            if self._stop_early:
+                self.finish("run complete: its stop rule was met", FinishKind.RUN_COMPLETE)
+            elif len(summaries) + self.first_round > self.config.rounds:
                 self.finish("run complete", FinishKind.RUN_COMPLETE)
             else:
                 self.finish("run stopped before its last round", FinishKind.SERVER_STOPPING)
@@ -522,16 +728,29 @@ class Coordinator:
 
 
 def summary_record(summary: RoundSummary) -> dict[str, Any]:
-    """A round's metrics as one JSON-serialisable record."""
+    """A round's metrics as one JSON-serialisable record (one line of metrics.jsonl).
+
+    ``train`` holds the clients' aggregated training metrics, ``server_eval`` the
+    server's own evaluation and ``federated_eval`` the clients' aggregated evaluation;
+    ``train_loss``, ``test_loss`` and ``accuracy`` repeat the usual three at the top.
+    """
+    server_eval = summary.server_eval or {}
     return {
         "round": summary.round,
         "selected": summary.selected,
         "succeeded": summary.succeeded,
         "failures": dict(summary.failures),
-        "train_loss": summary.train_loss,
-        "test_loss": summary.test_loss,
-        "accuracy": summary.accuracy,
+        "train_loss": summary.train.get("loss"),
+        "test_loss": server_eval.get("loss"),
+        "accuracy": server_eval.get("accuracy"),
+        "train": dict(summary.train),
+        "server_eval": None if summary.server_eval is None else dict(summary.server_eval),
+        "federated_eval": (
+            None if summary.federated_eval is None else dict(summary.federated_eval)
+        ),
         "wall_time_s": summary.wall_time_s,
         "clients": [dataclasses.asdict(r) for r in summary.clients],
+        "evaluations": [dataclasses.asdict(e) for e in summary.evaluations],
+        "evaluation_failures": dict(summary.evaluation_failures),
         "time_unix_s": time.time(),
     }

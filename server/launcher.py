@@ -125,8 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose", action="store_true", help="show every client's log, not only warnings"
     )
+    # What the federation trains goes to the server and every client alike: a client
+    # runs only the task (and imports only the code) its own flags name.
+    parser.add_argument("--task", help="task for server and clients (default: classification)")
+    parser.add_argument(
+        "--task-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="task option for server and clients; repeatable",
+    )
+    parser.add_argument("--model", help="model of the built-in task, for server and clients")
+    parser.add_argument("--dataset", help="dataset of the built-in task, for server and clients")
+    parser.add_argument("--data-dir", help="folder holding the datasets, for server and clients")
     parser.add_argument("server_args", nargs=argparse.REMAINDER, help="extra fl-server flags")
     return parser
+
+
+def task_flags(args: argparse.Namespace) -> list[str]:
+    """The flags naming what is trained, passed to the server and to every client."""
+    flags = []
+    for name in ("task", "model", "dataset", "data_dir"):
+        value = getattr(args, name)
+        if value:
+            flags += [f"--{name.replace('_', '-')}", value]
+    for option in args.task_opt:
+        flags += ["--task-opt", option]
+    return flags
 
 
 def _wait_until_exited(
@@ -201,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fl-local: --clients must be at least 1", file=sys.stderr)
         return 2
     port = args.port or free_port()
-    extra = [a for a in args.server_args if a != "--"]
+    shared = task_flags(args)
+    extra = [*shared, *(a for a in args.server_args if a != "--")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     lock = threading.Lock()
     server_argv = [
@@ -229,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.executable, "-m", "fedstream.client",
                 "--server", f"127.0.0.1:{port}", "--client-id", f"client-{i}",
                 "--partition-index", str(i), *device_flags,
-                "--log-level", "INFO" if args.verbose else "WARNING",
+                "--log-level", "INFO" if args.verbose else "WARNING", *shared,
             ]  # fmt: skip
             children.append(_spawn(f"client-{i}", client_argv, lock, env, exited))
         stopped = supervise(children, exited)

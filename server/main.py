@@ -7,23 +7,35 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 import torch
-from fedstream.common.config import add_flags, parse_into
-from fedstream.common.data import Splits, load_dataset
-from fedstream.common.errors import ConfigError, RoundFailed
+from fedstream.common.config import add_flags, parse_into, parse_scalar
+from fedstream.common.errors import ConfigError, RoundFailed, TaskError
 from fedstream.common.logs import setup_logging
-from fedstream.common.messages import FinishKind, RunSpec, TrainConfig
-from fedstream.common.models import build_model
-from fedstream.common.training import evaluate
+from fedstream.common.messages import FinishKind, RunSpec, Scalar
+from fedstream.common.records import MetricGoal, StopRule
+from fedstream.common.task import (
+    BUILTIN_TASK,
+    Context,
+    Partition,
+    Task,
+    build_seeded,
+    checked_metrics,
+    exchanged_state,
+    fingerprint,
+    load_exchanged,
+    load_task,
+)
+from fedstream.common.version import version_line
 from fedstream.server.auth import TokenTable, server_credentials
 from fedstream.server.checkpoint import (
     CHECKPOINT_NAME,
-    MetricsLog,
     load_checkpoint,
     save_checkpoint,
 )
@@ -33,6 +45,7 @@ from fedstream.server.coordinator import (
     RoundSummary,
     summary_record,
 )
+from fedstream.server.run_records import RunRecords
 from fedstream.server.servicer import SERVICE_NAME, FederationServicer, add_to_server
 from fedstream.server.settings import ENV_PREFIX, ServerSettings
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -50,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folds their deltas into a FedAvg sum, evaluates and checkpoints every round.",
     )
     parser.add_argument("--config", help="TOML file with settings (flags and FL_SERVER_* win)")
+    parser.add_argument("--version", action="version", version=version_line("fl-server"))
     add_flags(
         parser,
         ServerSettings,
@@ -77,30 +91,94 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def server_task(settings: ServerSettings) -> Task:
+    """The task the settings name; the built-in one takes --model, --dataset and friends."""
+    s = settings
+    options: dict[str, Scalar] = {k: parse_scalar(v) for k, v in s.task_opt.items()}
+    if s.task == BUILTIN_TASK:
+        options = {
+            "model": s.model,
+            "dataset": s.dataset,
+            "data_dir": str(s.data_dir),
+            "download": s.download,
+            "seed": s.seed,
+            "test_fraction": s.test_fraction,
+            "partition": s.partition,
+            "dirichlet_alpha": s.dirichlet_alpha,
+            **options,
+        }
+    return load_task(s.task, options)
+
+
+def round_config(settings: ServerSettings) -> dict[str, Scalar]:
+    """The config map every selected client gets each round."""
+    s = settings
+    config: dict[str, Scalar] = {
+        "local_epochs": s.local_epochs,
+        "batch_size": s.batch_size,
+        "learning_rate": s.learning_rate,
+        "optimizer": s.optimizer,
+        "momentum": s.momentum,
+        "weight_decay": s.weight_decay,
+    }
+    config.update({k: parse_scalar(v) for k, v in s.round_config.items()})
+    return config
+
+
 class Run:
-    """What one training run needs besides round state: data, evaluation and output."""
+    """What one training run needs besides round state: the task, evaluation, output."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.data: Splits | None = None
+        self.task = server_task(settings)
+        self.data: Any = None
         self.model: torch.nn.Module | None = None
-        self.metrics = MetricsLog(settings.out)
+        self.fingerprint = ""
+        self.stop_rule = None if settings.stop_when is None else StopRule.parse(settings.stop_when)
+        goal = None if settings.save_best is None else MetricGoal.parse(settings.save_best)
+        self.records = RunRecords(settings.out, goal)
+        self.metrics = self.records.metrics
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         s = self.settings
-        self.data = load_dataset(s.dataset, s.data_dir, s.download, s.seed, s.test_fraction)
-        self.model = build_model(s.model, self.data.input_shape, self.data.num_classes, s.seed)
+        self.model = build_seeded(self.task, s.seed, server=True)
+        exchanged = exchanged_state(self.task, self.model)
+        self.fingerprint = fingerprint(self.task, self.model, exchanged)
+        everything = self.model.state_dict()
+        log.info(
+            "task %s: %d of %d tensors travel each way (%.3f MB of the model's %.3f MB)",
+            self.task.name, len(exchanged), len(everything),
+            sum(t.nbytes for t in exchanged.values()) / 1e6,
+            sum(t.nbytes for t in everything.values()) / 1e6,
+        )
+        if s.evaluate:
+            self.data = self.task.server_data()
         # The global state is the model's own tensors, not a copy: a second copy was a
         # whole extra model of server memory (benchmarks B4/B5). Evaluation loads the
         # state into the same tensors, a no-op. A tensor aliasing an earlier one (tied
         # weights) is copied, so that every name is updated once per round.
         state: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
-        for name, tensor in self.model.state_dict().items():
+        for name, tensor in exchanged.items():
             pointer = tensor.untyped_storage().data_ptr()
             state[name] = tensor.detach().clone() if pointer in seen else tensor.detach()
             seen.add(pointer)
         return state
+
+    def run_spec(self) -> RunSpec:
+        s = self.settings
+        return RunSpec(
+            model=s.model,
+            dataset=s.dataset,
+            seed=s.seed,
+            test_fraction=s.test_fraction,
+            num_partitions=s.partitions,
+            partition=s.partition,
+            dirichlet_alpha=s.dirichlet_alpha,
+            task=s.task,
+            task_options=dict(s.task_opt),
+            task_fingerprint=self.fingerprint,
+        )
 
     def resume_point(self, state: dict[str, torch.Tensor]) -> int:
         """The first round to run: 1, or the round after the checkpoint in --out.
@@ -118,11 +196,12 @@ class Run:
             self.metrics.truncate(0)
             return 1
         round_number, meta, saved = load_checkpoint(path)
-        for key in ("model", "dataset"):
-            if meta.get(key) != getattr(s, key):
+        expected = self.checkpoint_meta()
+        for key in ("task", "model", "dataset", "fingerprint"):
+            if key in meta and meta.get(key) != expected[key]:
                 raise ConfigError(
                     f"checkpoint {path} was trained with {key}={meta.get(key)!r}, this run uses "
-                    f"{getattr(s, key)!r}; use another --out or --no-resume"
+                    f"{expected[key]!r}; use another --out or --no-resume"
                 )
         missing = state.keys() ^ saved.keys()
         if missing:
@@ -130,39 +209,72 @@ class Run:
         for name, tensor in saved.items():
             state[name].copy_(tensor)
         self.metrics.truncate(round_number)
+        self.records.resume(round_number)
         log.info("resuming after round %d from %s", round_number, path)
         return int(round_number) + 1
 
-    def evaluate(self, state: Mapping[str, torch.Tensor]) -> tuple[float, float] | None:
+    def checkpoint_meta(self) -> dict[str, Any]:
+        s = self.settings
+        return {"task": s.task, "model": s.model, "dataset": s.dataset, "seed": s.seed,
+                "fingerprint": self.fingerprint}
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         if not self.settings.evaluate or self.model is None or self.data is None:
             return None
-        self.model.load_state_dict(state)
-        loss, accuracy = evaluate(self.model, self.data, torch.device("cpu"))
-        return loss, accuracy
+        load_exchanged(self.model, state)
+        ctx = Context(
+            round=0,
+            config=round_config(self.settings),
+            device=torch.device("cpu"),
+            seed=self.settings.seed,
+            partition=Partition(0, 1, self.settings.seed),
+        )
+        metrics = self.task.server_evaluate(self.model, self.data, ctx)
+        _, clean = checked_metrics(metrics, f"task {self.task.name!r} server_evaluate",
+                                   need_examples=False)
+        result: dict[str, float] = clean
+        return result
 
-    def on_round(self, summary: RoundSummary, state: Mapping[str, torch.Tensor]) -> None:
+    def on_round(self, summary: RoundSummary, state: Mapping[str, torch.Tensor]) -> bool:
+        """Record a completed round; True when the stop rule is met."""
         s = self.settings
         record = summary_record(summary)
         # Metrics first: after a crash between the two, resuming cuts the log back to the
         # checkpoint's round, so no round is ever logged twice or lost.
         self.metrics.append(record)
-        save_checkpoint(
-            s.out, state, summary.round, {"model": s.model, "dataset": s.dataset, "seed": s.seed}
-        )
-        accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.4f}"
+        save_checkpoint(s.out, state, summary.round, self.checkpoint_meta())
+        self.records.after_checkpoint(record)
         log.info(
-            "round %d/%d  clients %d/%d  train_loss %.4f  accuracy %s  time %.2fs",
+            "round %d/%d  clients %d/%d  %s  time %.2fs",
             summary.round,
             s.rounds,
             summary.succeeded,
             summary.selected,
-            summary.train_loss,
-            accuracy,
+            _shown(record),
             summary.wall_time_s,
         )
+        if self.stop_rule is not None and self.stop_rule.met(record):
+            log.info("round %d meets --stop-when %s: ending the run", summary.round,
+                     self.stop_rule)
+            return True
+        return False
 
 
-def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
+def _shown(record: Mapping[str, Any]) -> str:
+    """The round's metrics for the log line: train, server eval, federated eval."""
+    parts = []
+    for section, label in (("train", "train"), ("server_eval", "eval"),
+                           ("federated_eval", "fed-eval")):
+        values = record.get(section) or {}
+        shown = " ".join(
+            f"{k} {v:.4f}" for k, v in sorted(values.items()) if k not in ("num_examples", "steps")
+        )
+        if shown:
+            parts.append(f"{label} {shown}")
+    return "  ".join(parts) or "no metrics"
+
+
+def coordinator_config(settings: ServerSettings, run: RunSpec) -> CoordinatorConfig:
     s = settings
     return CoordinatorConfig(
         rounds=s.rounds,
@@ -179,23 +291,10 @@ def coordinator_config(settings: ServerSettings) -> CoordinatorConfig:
         max_clients=s.max_clients,
         max_num_examples=s.max_num_examples,
         max_update_abs=s.max_update_abs,
-        train=TrainConfig(
-            local_epochs=s.local_epochs,
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            optimizer=s.optimizer,
-            momentum=s.momentum,
-            weight_decay=s.weight_decay,
-        ),
-        run=RunSpec(
-            model=s.model,
-            dataset=s.dataset,
-            seed=s.seed,
-            test_fraction=s.test_fraction,
-            num_partitions=s.partitions,
-            partition=s.partition,
-            dirichlet_alpha=s.dirichlet_alpha,
-        ),
+        run=run,
+        round_config=round_config(s),
+        evaluate_every=s.evaluate_every,
+        fraction_evaluate=s.fraction_evaluate,
     )
 
 
@@ -225,11 +324,24 @@ async def start_server(
 
 
 async def serve(settings: ServerSettings) -> int:
-    run = Run(settings)
+    created = not settings.out.exists()
+    try:
+        return await _serve(settings)
+    except (ConfigError, TaskError):
+        # A failed start leaves no empty run folder behind.
+        if created and settings.out.is_dir() and not (settings.out / CHECKPOINT_NAME).exists():
+            shutil.rmtree(settings.out, ignore_errors=True)
+        raise
+
+
+async def _serve(settings: ServerSettings) -> int:
+    run = await asyncio.to_thread(Run, settings)
     state = await asyncio.to_thread(run.initial_state)
     first_round = await asyncio.to_thread(run.resume_point, state)
+    run.records.write_run(settings, run.task, run.fingerprint)
     coordinator = Coordinator(
-        coordinator_config(settings), state, run.evaluate, run.on_round, first_round
+        coordinator_config(settings, run.run_spec()), state, run.evaluate, run.on_round,
+        first_round, aggregate_metrics=run.task.aggregate_metrics,
     )
     credentials = None
     if settings.tls_cert is not None and settings.tls_key is not None:
@@ -243,14 +355,11 @@ async def serve(settings: ServerSettings) -> int:
     if credentials is None and not _is_loopback(settings.host):
         log.warning("listening on %s without TLS: traffic is not encrypted", settings.host)
     mb = coordinator.manifest.total_bytes / 1e6
-    log.info(
-        "listening on %s:%d (model %s, %.2f MB; dataset %s)",
-        settings.host,
-        port,
-        settings.model,
-        mb,
-        settings.dataset,
+    what = (
+        f"model {settings.model}, dataset {settings.dataset}"
+        if settings.task == BUILTIN_TASK else f"task {settings.task}"
     )
+    log.info("listening on %s:%d (%s; %.2f MB travel each way)", settings.host, port, what, mb)
 
     if first_round > settings.rounds:
         log.info(
@@ -270,6 +379,9 @@ async def serve(settings: ServerSettings) -> int:
         final = summaries[-1] if summaries else None
         if final is not None and final.accuracy is not None:
             log.info("final accuracy %.4f after %d rounds", final.accuracy, final.round)
+        elif final is not None:
+            log.info("final metrics after %d rounds: %s", final.round,
+                     _shown(summary_record(final)))
         log.info("checkpoint: %s  metrics: %s", settings.out / "checkpoint.pt", run.metrics.path)
     except RoundFailed as error:
         log.error("run failed: %s", error)
@@ -302,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level, "server")
     try:
         return asyncio.run(serve(settings))
-    except ConfigError as error:
+    except (ConfigError, TaskError) as error:
         log.error("%s", error)
         return 2
 

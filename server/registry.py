@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from fedstream.common.errors import UploadRejected
-from fedstream.common.messages import CREDENTIAL_METADATA_KEY, FinishKind, RoundTask
+from fedstream.common.messages import CREDENTIAL_METADATA_KEY, FinishKind, RoundPlan
 from fedstream.server.credentials import Credential
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Finish:
     kind: FinishKind = FinishKind.RUN_COMPLETE
 
 
-Event: TypeAlias = RoundTask | Finish
+Event: TypeAlias = RoundPlan | Finish
 
 
 @dataclass(eq=False)
@@ -199,7 +199,7 @@ class Registry:
         carried: set[int] = set()
         while not session.inbox.empty():
             event = session.inbox.get_nowait()
-            if isinstance(event, RoundTask):
+            if isinstance(event, RoundPlan):
                 inbox.put_nowait(event)
                 carried.add(event.round)
         old = session.attachment

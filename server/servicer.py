@@ -18,7 +18,7 @@ from fedstream.common.errors import FedstreamError, ManifestError, UploadRejecte
 from fedstream.common.messages import (
     CREDENTIAL_METADATA_KEY,
     PROTOCOL_VERSION,
-    RoundTask,
+    RoundPlan,
     UpdateHeader,
 )
 from fedstream.common.pb import fedstream_pb2 as pb
@@ -94,6 +94,16 @@ def add_to_server(servicer: FederationServicer, server: grpc.aio.Server) -> None
             request_deserializer=pb.UpdateMessage.FromString,
             response_serializer=pb.UpdateReply.SerializeToString,
         ),
+        "SubmitEvaluation": grpc.unary_unary_rpc_method_handler(
+            servicer.SubmitEvaluation,
+            request_deserializer=pb.EvaluationResult.FromString,
+            response_serializer=pb.ReportReply.SerializeToString,
+        ),
+        "ReportFailure": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportFailure,
+            request_deserializer=pb.FailureReport.FromString,
+            response_serializer=pb.ReportReply.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
@@ -116,7 +126,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.coordinator = coordinator
         self.max_message_bytes = max_message_bytes
         self.tokens = tokens
-        self._broadcast: tuple[int, Broadcast] | None = None
+        self._broadcast: tuple[str, Broadcast] | None = None
 
     def _check_token(self, context: grpc.aio.ServicerContext, client_id: str) -> bool:
         """Refuse a call without a valid token; True when it is ``client_id``'s own token."""
@@ -150,10 +160,11 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
         if request.protocol_version != PROTOCOL_VERSION:
+            older = "client" if request.protocol_version < PROTOCOL_VERSION else "server"
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {request.protocol_version} is not supported "
-                f"(server speaks {PROTOCOL_VERSION})",
+                f"protocol version {request.protocol_version} is not supported (server "
+                f"speaks {PROTOCOL_VERSION}): upgrade fedstream on the {older}",
             )
         client_id = request.client_id or f"client-{uuid.uuid4().hex[:8]}"
         if len(client_id) > 128:
@@ -204,39 +215,69 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             level = logging.DEBUG if why == "run complete" else logging.INFO
             log.log(level, "client %s: round stream closed (%s)", attachment.client_id, why)
 
-    def _broadcast_for(self, round_number: int) -> Broadcast:
-        if self._broadcast is None or self._broadcast[0] != round_number:
+    def _broadcast_for(self, plan_id: str) -> Broadcast:
+        # One cache per plan: an evaluation plan in the same round sends the new model.
+        if self._broadcast is None or self._broadcast[0] != plan_id:
             broadcast = Broadcast(
                 self.coordinator.global_state,
                 self.coordinator.manifest,
                 self.coordinator.config.chunk_size_bytes,
                 frame=_chunk_frame,
-                expected_readers=self.coordinator.selected_count(round_number),
+                expected_readers=self.coordinator.selected_count(plan_id),
             )
-            self._broadcast = (round_number, broadcast)
+            self._broadcast = (plan_id, broadcast)
         return self._broadcast[1]
 
     async def _send_round(
-        self, task: RoundTask, reader: object
+        self, plan: RoundPlan, reader: object
     ) -> AsyncIterator[pb.ServerMessage | bytes]:
-        if not self.coordinator.is_open(task.round):
+        if not self.coordinator.is_open(plan.plan_id):
             return
-        yield wire.round_start_to_pb(task)
-        frames = self._broadcast_for(task.round).frames(reader)
+        yield wire.round_start_to_pb(plan)
+        frames = self._broadcast_for(plan.plan_id).frames(reader)
         try:
             for frame in frames:
-                # A round that closed mid-download (deadline) stops sending: the model
+                # A plan that closed mid-download (deadline) stops sending: the model
                 # is about to change, and the client waits for the next RoundStart.
-                if not self.coordinator.is_open(task.round):
+                if not self.coordinator.is_open(plan.plan_id):
                     return
                 yield frame
         finally:
             frames.close()
         yield pb.ServerMessage(
             end=pb.TransferEnd(
-                total_bytes=task.manifest.total_bytes, crc32=self.coordinator.payload_crc
+                total_bytes=plan.manifest.total_bytes, crc32=self.coordinator.payload_crc
             )
         )
+
+    async def SubmitEvaluation(  # noqa: N802
+        self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
+    ) -> pb.ReportReply:
+        try:
+            result = wire.evaluation_from_pb(request)
+            self._authenticate(context, result.client_id)
+            self.coordinator.submit_evaluation(result)
+        except FedstreamError as error:
+            log.warning("evaluation refused: %s", error)
+            await context.abort(status_for(error), str(error))
+        return pb.ReportReply(counted=True)
+
+    async def ReportFailure(  # noqa: N802
+        self, request: pb.FailureReport, context: grpc.aio.ServicerContext
+    ) -> pb.ReportReply:
+        try:
+            report = wire.failure_from_pb(request)
+            self._authenticate(context, report.client_id)
+            if report.client_id not in self.coordinator.sessions:
+                raise UploadRejected(
+                    f"client {report.client_id!r} is not known; join first",
+                    reason="unknown_client",
+                )
+            counted = self.coordinator.report_failure(report)
+        except FedstreamError as error:
+            log.warning("failure report refused: %s", error)
+            await context.abort(status_for(error), str(error))
+        return pb.ReportReply(counted=counted)
 
     async def _drain(self, request_iterator: AsyncIterator[pb.UpdateMessage]) -> None:
         """Discard what is left of a refused upload, within the model's size and 10 s."""

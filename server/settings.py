@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fedstream.common.config import KeyValues
+from fedstream.common.records import MetricGoal, StopRule
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "FL_SERVER_"
 
@@ -31,6 +33,13 @@ class ServerSettings(BaseModel):
     round_retries: int = Field(
         2, ge=0, description="times a round that missed --min-clients is retried before failing"
     )
+    task: str = Field(
+        "classification",
+        description="task: classification (built in), package.module:Task or package.module",
+    )
+    task_opt: KeyValues = Field(
+        default_factory=dict, description="task option key=value, sent to clients too"
+    )
     model: str = Field(
         "cnn", description="model: cnn, a torchvision name (resnet18, ...) or module:function"
     )
@@ -54,8 +63,23 @@ class ServerSettings(BaseModel):
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="local optimizer")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="local L2 weight decay")
+    round_config: KeyValues = Field(
+        default_factory=dict, description="extra round config key=value sent to every client"
+    )
     server_lr: float = Field(1.0, gt=0, description="server step size on the averaged delta")
     evaluate: bool = Field(True, description="evaluate the global model after every round")
+    evaluate_every: int = Field(
+        1, ge=0, description="federated evaluation on the clients every N rounds (0 = never)"
+    )
+    fraction_evaluate: float = Field(
+        1.0, gt=0, le=1, description="share of connected clients asked to evaluate"
+    )
+    save_best: str | None = Field(
+        None, description="also keep best.pt for METRIC (METRIC:min / METRIC:max)"
+    )
+    stop_when: str | None = Field(
+        None, description='end the run once a round meets this, e.g. "accuracy>=0.97"'
+    )
     out: Path = Field(Path("runs/latest"), description="folder for checkpoint and metrics")
     chunk_size_bytes: int = Field(
         1 << 20, ge=1024, le=3 << 20, description="tensor bytes per streamed message"
@@ -96,6 +120,20 @@ class ServerSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="logging level"
     )
+
+    @field_validator("save_best")
+    @classmethod
+    def _goal(cls, value: str | None) -> str | None:
+        if value is not None:
+            MetricGoal.parse(value)
+        return value
+
+    @field_validator("stop_when")
+    @classmethod
+    def _rule(cls, value: str | None) -> str | None:
+        if value is not None:
+            StopRule.parse(value)
+        return value
 
     @model_validator(mode="after")
     def _selection_fits(self) -> ServerSettings:

@@ -7,16 +7,37 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PlanKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_KIND_UNSPECIFIED: _ClassVar[PlanKind]
+    PLAN_TRAIN: _ClassVar[PlanKind]
+    PLAN_EVALUATE: _ClassVar[PlanKind]
+
 class FinishKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_KIND_UNSPECIFIED: _ClassVar[FinishKind]
     FINISH_RUN_COMPLETE: _ClassVar[FinishKind]
     FINISH_SERVER_STOPPING: _ClassVar[FinishKind]
     FINISH_REPLACED: _ClassVar[FinishKind]
+PLAN_KIND_UNSPECIFIED: PlanKind
+PLAN_TRAIN: PlanKind
+PLAN_EVALUATE: PlanKind
 FINISH_KIND_UNSPECIFIED: FinishKind
 FINISH_RUN_COMPLETE: FinishKind
 FINISH_SERVER_STOPPING: FinishKind
 FINISH_REPLACED: FinishKind
+
+class Scalar(_message.Message):
+    __slots__ = ("number", "integer", "text", "flag")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    integer: int
+    text: str
+    flag: bool
+    def __init__(self, number: _Optional[float] = ..., integer: _Optional[int] = ..., text: _Optional[str] = ..., flag: _Optional[bool] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -37,7 +58,14 @@ class Manifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("model", "dataset", "seed", "test_fraction", "num_partitions", "partition", "dirichlet_alpha")
+    __slots__ = ("model", "dataset", "seed", "test_fraction", "num_partitions", "partition", "dirichlet_alpha", "task", "task_options", "task_fingerprint")
+    class TaskOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +73,9 @@ class RunSpec(_message.Message):
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     DIRICHLET_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     model: str
     dataset: str
     seed: int
@@ -52,7 +83,10 @@ class RunSpec(_message.Message):
     num_partitions: int
     partition: str
     dirichlet_alpha: float
-    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., seed: _Optional[int] = ..., test_fraction: _Optional[float] = ..., num_partitions: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ...) -> None: ...
+    task: str
+    task_options: _containers.ScalarMap[str, str]
+    task_fingerprint: str
+    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., seed: _Optional[int] = ..., test_fraction: _Optional[float] = ..., num_partitions: _Optional[int] = ..., partition: _Optional[str] = ..., dirichlet_alpha: _Optional[float] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, str]] = ..., task_fingerprint: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version", "partition_index")
@@ -84,33 +118,28 @@ class WatchRequest(_message.Message):
     client_id: str
     def __init__(self, client_id: _Optional[str] = ...) -> None: ...
 
-class RoundConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "optimizer", "momentum", "weight_decay", "deadline_unix_s")
-    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
-    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
-    DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    optimizer: str
-    momentum: float
-    weight_decay: float
-    deadline_unix_s: float
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[str] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
-
 class RoundStart(_message.Message):
-    __slots__ = ("round", "config", "manifest")
+    __slots__ = ("round", "manifest", "plan_id", "kind", "config", "deadline_unix_s")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Scalar
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Scalar, _Mapping]] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    CONFIG_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     round: int
-    config: RoundConfig
     manifest: Manifest
-    def __init__(self, round: _Optional[int] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
+    plan_id: str
+    kind: PlanKind
+    config: _containers.MessageMap[str, Scalar]
+    deadline_unix_s: float
+    def __init__(self, round: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., plan_id: _Optional[str] = ..., kind: _Optional[_Union[PlanKind, str]] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data",)
@@ -147,32 +176,41 @@ class ServerMessage(_message.Message):
     def __init__(self, round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[TransferEnd, _Mapping]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ...) -> None: ...
 
 class TrainReport(_message.Message):
-    __slots__ = ("train_loss", "steps", "train_started_unix_s", "train_finished_unix_s", "device")
-    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("steps", "train_started_unix_s", "train_finished_unix_s", "device")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FINISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    train_loss: float
     steps: int
     train_started_unix_s: float
     train_finished_unix_s: float
     device: str
-    def __init__(self, train_loss: _Optional[float] = ..., steps: _Optional[int] = ..., train_started_unix_s: _Optional[float] = ..., train_finished_unix_s: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    def __init__(self, steps: _Optional[int] = ..., train_started_unix_s: _Optional[float] = ..., train_finished_unix_s: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "round", "num_examples", "manifest", "report")
+    __slots__ = ("client_id", "round", "num_examples", "manifest", "report", "plan_id", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     round: int
     num_examples: int
     manifest: Manifest
     report: TrainReport
-    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., report: _Optional[_Union[TrainReport, _Mapping]] = ...) -> None: ...
+    plan_id: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., report: _Optional[_Union[TrainReport, _Mapping]] = ..., plan_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -189,3 +227,42 @@ class UpdateReply(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class EvaluationResult(_message.Message):
+    __slots__ = ("client_id", "round", "plan_id", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    plan_id: str
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., plan_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("client_id", "plan_id", "reason", "leaving")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    plan_id: str
+    reason: str
+    leaving: bool
+    def __init__(self, client_id: _Optional[str] = ..., plan_id: _Optional[str] = ..., reason: _Optional[str] = ..., leaving: _Optional[bool] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ("counted",)
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    counted: bool
+    def __init__(self, counted: _Optional[bool] = ...) -> None: ...

@@ -49,6 +49,16 @@ class FederationStub:
                 request_serializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.UpdateMessage.SerializeToString,
                 response_deserializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.UpdateReply.FromString,
                 _registered_method=True)
+        self.SubmitEvaluation = channel.unary_unary(
+                '/fedstream.v1.Federation/SubmitEvaluation',
+                request_serializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.EvaluationResult.SerializeToString,
+                response_deserializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.ReportReply.FromString,
+                _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/fedstream.v1.Federation/ReportFailure',
+                request_serializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.FailureReport.SerializeToString,
+                response_deserializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.ReportReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -77,6 +87,22 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitEvaluation(self, request, context):
+        """A client's metrics of the global model on its own held-out data (an EVALUATE plan).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportFailure(self, request, context):
+        """A client tells the server why it fails a plan or leaves the run (bad config, a
+        task or model that does not match, a crash in training), so the server counts the
+        failure at once instead of waiting for the round's deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +120,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.PushUpdate,
                     request_deserializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.UpdateMessage.FromString,
                     response_serializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.UpdateReply.SerializeToString,
+            ),
+            'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluation,
+                    request_deserializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.EvaluationResult.FromString,
+                    response_serializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.ReportReply.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.FailureReport.FromString,
+                    response_serializer=fedstream_dot_common_dot_pb_dot_fedstream__pb2.ReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +213,60 @@ class Federation:
             '/fedstream.v1.Federation/PushUpdate',
             fedstream_dot_common_dot_pb_dot_fedstream__pb2.UpdateMessage.SerializeToString,
             fedstream_dot_common_dot_pb_dot_fedstream__pb2.UpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedstream.v1.Federation/SubmitEvaluation',
+            fedstream_dot_common_dot_pb_dot_fedstream__pb2.EvaluationResult.SerializeToString,
+            fedstream_dot_common_dot_pb_dot_fedstream__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedstream.v1.Federation/ReportFailure',
+            fedstream_dot_common_dot_pb_dot_fedstream__pb2.FailureReport.SerializeToString,
+            fedstream_dot_common_dot_pb_dot_fedstream__pb2.ReportReply.FromString,
             options,
             channel_credentials,
             insecure,

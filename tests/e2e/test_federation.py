@@ -11,7 +11,7 @@ import pytest
 import torch
 from fedstream.common.data import load_digits
 from fedstream.common.models import build_model
-from fedstream.common.training import evaluate
+from fedstream.common.tasks.classification import ClassificationTask, evaluate_split
 from fedstream.server.checkpoint import load_checkpoint
 
 from tests.procs import Cluster, Proc, client_argv, free_port, read_metrics, server_argv
@@ -43,15 +43,26 @@ def test_federation_of_three_parallel_clients_trains_digits(cluster: Cluster, tm
     assert all(r["succeeded"] == 3 for r in history)
     assert history[-1]["accuracy"] > 0.90, history[-1]
 
-    # The checkpoint is a plain state dict that loads into a fresh model and scores the
-    # same accuracy as the server logged.
+    # The checkpoint is a plain state dict of the tensors that travel (every floating-
+    # point one): it loads into a fresh model and scores what the server logged.
     round_number, meta, state = load_checkpoint(out / "checkpoint.pt")
-    assert round_number == 4 and meta["dataset"] == "digits"
+    assert round_number == 4 and meta["dataset"] == "digits" and meta["task"] == "classification"
     data = load_digits(seed=0, test_fraction=0.2)
     model = build_model("cnn", data.input_shape, data.num_classes, seed=123)
-    model.load_state_dict(state)
-    _, accuracy = evaluate(model, data, torch.device("cpu"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert unexpected == [] and all(name.endswith("num_batches_tracked") for name in missing)
+    server_data = ClassificationTask(seed=0).server_data()
+    accuracy = evaluate_split(model, server_data, torch.device("cpu"))["accuracy"]
     assert accuracy == pytest.approx(history[-1]["accuracy"])
+    # Federated evaluation: every client scored the final model on its own held-out shard
+    # (together the server's held-out split), and the round records their weighted mean.
+    last = history[-1]
+    assert len(last["evaluations"]) == 3
+    counts = [e["num_examples"] for e in last["evaluations"]]
+    assert sum(counts) == len(server_data.test_y)
+    expected = sum(e["num_examples"] * e["metrics"]["accuracy"] for e in last["evaluations"])
+    assert last["federated_eval"]["accuracy"] == pytest.approx(expected / sum(counts))
+    assert last["federated_eval"]["accuracy"] == pytest.approx(accuracy)
 
     # Parallelism: in every round, the clients' local training windows overlap in time.
     for record in history:

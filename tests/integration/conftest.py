@@ -16,7 +16,6 @@ from fedstream.common.messages import (
     CREDENTIAL_METADATA_KEY,
     PROTOCOL_VERSION,
     RunSpec,
-    TrainConfig,
     TrainReport,
 )
 from fedstream.common.messages import UpdateHeader as Header
@@ -49,7 +48,7 @@ def make_config(**overrides: object) -> CoordinatorConfig:
         "spool_memory_bytes": 1 << 20,
         "spool_dir": None,
         "seed": 0,
-        "train": TrainConfig(1, 8, 0.1, "sgd", 0.0, 0.0),
+        "round_config": {"local_epochs": 1, "batch_size": 8, "learning_rate": 0.1},
         "run": RunSpec("cnn", "digits", 0, 0.2, 2, "iid", 0.5),
     }
     values.update(overrides)
@@ -105,6 +104,20 @@ def credential_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return [_KeepCredential(credential), _PresentOnWatch(credential), _PresentOnUpload(credential)]
 
 
+# Coordinators of the running test, so hand-made uploads can name the open plan of a
+# round the way a real client copies it from the RoundStart it received.
+_LIVE: list[Coordinator] = []
+
+
+def open_plan_id(round_number: int) -> str:
+    """The plan id of the open attempt of ``round_number`` ("" when there is none)."""
+    for coordinator in _LIVE:
+        state = coordinator.current
+        if state is not None and state.number == round_number:
+            return state.plan_id
+    return ""
+
+
 @dataclass
 class Harness:
     coordinator: Coordinator
@@ -132,12 +145,14 @@ async def make_harness() -> AsyncIterator[object]:
             evaluate=lambda state: None,
             on_round=lambda summary, state: rounds.append(summary),
         )
+        _LIVE.append(coordinator)
         server, port, _ = await start_server(coordinator, "127.0.0.1", 0, tokens=tokens)
         harness = Harness(coordinator, server, f"127.0.0.1:{port}", rounds)
         made.append(harness)
         return harness
 
     yield factory
+    _LIVE.clear()
     for harness in made:
         for channel in harness.channels:
             await channel.close()
@@ -190,8 +205,10 @@ class FakeClient:
 def header_message(
     client_id: str, round_number: int, manifest: Manifest, num_examples: int = 10
 ) -> pb.UpdateMessage:
-    report = TrainReport(0.5, 1, 0.0, 0.0, "cpu")
-    return wire.update_header_to_pb(Header(client_id, round_number, num_examples, manifest, report))
+    report = TrainReport(1, 0.0, 0.0, "cpu")
+    header = Header(client_id, round_number, num_examples, manifest, report,
+                    plan_id=open_plan_id(round_number), metrics={"loss": 0.5})
+    return wire.update_header_to_pb(header)
 
 
 def upload_messages(

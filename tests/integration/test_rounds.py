@@ -8,6 +8,7 @@ import math
 import grpc
 import pytest
 import torch
+from fedstream.common.messages import PROTOCOL_VERSION
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.server.aggregate import fedavg
 
@@ -373,7 +374,9 @@ async def test_second_concurrent_upload_from_one_client_is_refused(make_harness)
 async def test_rejoin_keeps_the_partition_the_client_trains_on(make_harness) -> None:
     harness: Harness = await make_harness()
     client = FakeClient(harness.stub(), "z")
-    request = pb.JoinRequest(client_id="z", protocol_version=1, partition_index=1)
+    request = pb.JoinRequest(
+        client_id="z", protocol_version=PROTOCOL_VERSION, partition_index=1
+    )
     reply = await client.stub.Join(request)
     assert reply.partition_index == 1
     fresh = await FakeClient(harness.stub(), "y").join()

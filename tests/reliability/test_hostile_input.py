@@ -245,7 +245,9 @@ def headers(draw: st.DrawFn) -> pb.UpdateMessage:
         header.num_examples = draw(st.one_of(st.just(10), st.integers(0, 2**64 - 1)))
         if draw(st.booleans()):
             header.manifest.CopyFrom(draw(manifests()))
-        header.report.train_loss = draw(st.floats(allow_nan=True, allow_infinity=True))
+        header.metrics["loss"] = draw(st.floats(allow_nan=True, allow_infinity=True))
+        if draw(st.booleans()):
+            header.plan_id = draw(st.text(max_size=40))
         header.report.device = draw(st.text(max_size=80))
     return message
 
@@ -477,7 +479,7 @@ async def test_undecodable_message_in_an_upload_is_invalid_argument(
         await _stop(run)
 
 
-async def test_non_finite_train_loss_in_a_report_does_not_poison_the_metrics(
+async def test_non_finite_train_metric_in_a_report_does_not_poison_the_metrics(
     make_harness: MakeHarness,
 ) -> None:
     harness: Harness = await make_harness(min_clients=2)
@@ -486,7 +488,7 @@ async def test_non_finite_train_loss_in_a_report_does_not_poison_the_metrics(
     for client in clients:
         await client.receive_round()
     lying = upload_messages("a", 1, delta_like(STATE, 1.0))
-    lying[0].header.report.train_loss = math.nan
+    lying[0].header.metrics["loss"] = math.nan
     with contextlib.suppress(grpc.aio.AioRpcError):  # refusing it is a fine answer too
         await clients[0].stub.PushUpdate(stream(lying), timeout=CALL_TIMEOUT_S)
     for client in clients[1:]:

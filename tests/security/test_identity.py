@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from fedstream.common.messages import PROTOCOL_VERSION
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.server.auth import TokenTable
 
@@ -79,7 +80,7 @@ async def test_join_under_a_taken_id_is_refused_but_the_owner_rejoins(make_harne
     harness: Harness = await make_harness(tokens=SHARED)
     owner = FakeClient(harness.stub(), "bob")
     shared = (("authorization", "Bearer shared-join-token"),)
-    request = pb.JoinRequest(client_id="bob", protocol_version=1)
+    request = pb.JoinRequest(client_id="bob", protocol_version=PROTOCOL_VERSION)
     first = await owner.stub.Join(request, metadata=shared)
     assert len(first.credential) >= 32
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -95,7 +96,7 @@ async def test_a_clients_own_token_enrols_it_again_and_retires_the_old_credentia
     make_harness,
 ) -> None:
     harness: Harness = await make_harness(tokens=SHARED)
-    request = pb.JoinRequest(client_id="alice", protocol_version=1)
+    request = pb.JoinRequest(client_id="alice", protocol_version=PROTOCOL_VERSION)
     own = (("authorization", "Bearer alices-own-token"),)
     before = FakeClient(harness.stub(), "alice")
     await before.stub.Join(request, metadata=own)

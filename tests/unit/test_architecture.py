@@ -18,21 +18,30 @@ PACKAGES = {
     "common": "fedstream.common",
     "server": "fedstream.server",
     "client": "fedstream.client",
+    "api": "fedstream",
 }
 
-DOMAIN_MODULES = [
-    "common/codec.py",
-    "common/data.py",
-    "common/partition.py",
-    "common/models.py",
-    "common/training.py",
-    "server/aggregate.py",
-    "server/coordinator.py",
-    "server/upload.py",
-    "server/checkpoint.py",
-    "client/trainer.py",
-    "client/device.py",
-]
+# The transport adapters and the entry points that wire them up: every other module of
+# ours is domain code and must not reach the transport, however it is added later.
+ADAPTERS = {
+    "common/wire.py",
+    "server/auth.py",
+    "server/healthcheck.py",
+    "server/main.py",
+    "server/servicer.py",
+    "server/__main__.py",
+    "client/connection.py",
+    "client/main.py",
+    "client/__main__.py",
+    "api/__init__.py",
+    "api/runs.py",
+}
+DOMAIN_MODULES = sorted(
+    str(path.relative_to(ROOT))
+    for folder in ("common", "server", "client", "api")
+    for path in (ROOT / folder).rglob("*.py")
+    if "pb" not in path.relative_to(ROOT).parts and str(path.relative_to(ROOT)) not in ADAPTERS
+)
 TRANSPORT_PREFIXES = ("grpc", "grpc_health", "grpc_status", "fedstream.common.pb")
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"}
 

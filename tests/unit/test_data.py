@@ -233,3 +233,16 @@ def test_fashion_mnist_loads_from_idx_files(tmp_path: Path) -> None:
 def test_missing_dataset_without_download_hints_at_download(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match="--download"):
         load_dataset(name, tmp_path, download=False)
+
+
+def test_mnist_with_only_the_test_split_names_the_files_it_lacks(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"")
+    with pytest.raises(ConfigError) as refused:
+        load_dataset("mnist", tmp_path, download=False)
+    message = str(refused.value)
+    assert "MNIST/raw/train-images-idx3-ubyte" in message
+    assert "MNIST/raw/train-labels-idx1-ubyte" in message and "t10k" not in message
+    assert str(tmp_path.resolve()) in message

@@ -51,5 +51,6 @@ def test_readme_defaults_match_the_settings(prefix: str) -> None:
     for name, field in model.model_fields.items():
         documented = rows.get(f"{prefix}{name.upper()}")
         assert documented is not None, f"{prefix}{name.upper()} missing from the README table"
-        expected = "-" if field.default is None else f"`{field.default}`"
+        default = field.get_default(call_default_factory=True)
+        expected = "-" if default is None or default == {} else f"`{default}`"
         assert documented == expected, f"{name}: README says {documented}, code {expected}"

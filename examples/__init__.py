@@ -1,0 +1,1 @@
+"""Runnable examples of fedstream tasks (each folder has a README)."""

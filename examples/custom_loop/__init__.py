@@ -1,0 +1,1 @@
+"""Example: custom_loop."""
