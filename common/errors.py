@@ -23,7 +23,8 @@ class UploadRejected(FedstreamError):
     """An upload was refused; ``reason`` says which rule it broke."""
 
     #: one of: "malformed", "unknown_client", "stale_round", "not_selected", "duplicate",
-    #: "checksum", "non_finite", "out_of_range", "too_large", "unauthenticated", "busy"
+    #: "checksum", "non_finite", "out_of_range", "too_large", "unauthenticated", "busy",
+    #: "server_error"
     reason: str = "malformed"
 
     def __init__(self, message: str, reason: str | None = None) -> None:
@@ -33,7 +34,8 @@ class UploadRejected(FedstreamError):
 
 
 class AggregateError(FedstreamError):
-    """A round's aggregate cannot replace the global model (the result is not finite)."""
+    """A round's aggregate cannot replace the global model (not finite, or its sum is
+    damaged by a fold that could not be undone)."""
 
 
 class RoundFailed(FedstreamError):

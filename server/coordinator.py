@@ -3,7 +3,8 @@
 RPC handlers only call the coordinator's methods; each method that mutates state runs
 on the event loop without awaiting in between, so no locks guard round state. The one
 lock (``_fold_lock``) orders folds into the sum against the closing of a round, because
-folds run in a worker thread.
+folds run in a worker thread. Each fold is a task the round owns, not part of the RPC
+handler that staged the upload, so a client that disconnects cannot cut a fold short.
 
 Round outcome = successes + failures. A client that disconnects, sends a bad upload or
 misses the deadline is a failure entry for that round, never a hang: the round closes
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fedstream.common.codec import Manifest, crc32_of
@@ -147,6 +148,7 @@ class RoundState:
     failures: dict[str, str] = field(default_factory=dict)
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     why_failed: str = ""
+    damaged: str = ""  # why the sum can no longer be trusted (a fold that was not undone)
     task: RoundPlan | None = None  # what each selected client is sent
 
     def move_to(self, phase: RoundPhase) -> None:
@@ -230,6 +232,26 @@ class CoordinatorConfig:
     fraction_evaluate: float = 1.0
 
 
+T = TypeVar("T")
+
+
+async def _to_the_end(work: asyncio.Future[T]) -> T:
+    """Await ``work`` until it is done, even when cancelled meanwhile (then re-raise).
+
+    A worker thread cannot be stopped: a fold whose awaiting task gave up would go on
+    adding to the sum after the fold lock was released.
+    """
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return work.result()
+
+
 Evaluate = Callable[[Mapping[str, torch.Tensor]], Metrics | None]
 # Called after each completed round; True ends the run early (a stop rule was met).
 OnRound = Callable[[RoundSummary, Mapping[str, torch.Tensor]], bool | None]
@@ -264,6 +286,7 @@ class Coordinator:
         self._membership = asyncio.Condition()
         self._fold_lock = asyncio.Lock()
         self._uploading: set[str] = set()
+        self._folding: dict[str, asyncio.Task[None]] = {}  # round-owned folds, by client
         self._detached = asyncio.Event()
         self._stop_early = False
 
@@ -418,8 +441,13 @@ class Coordinator:
         )
 
     def end_upload(self, ticket: UploadTicket) -> None:
-        """Release the client's upload slot, whatever became of the upload."""
-        self._uploading.discard(ticket.client_id)
+        """Release the client's upload slot, whatever became of the upload.
+
+        A fold in progress keeps the slot until it ends (``_fold``), so a retry cannot
+        stream a second copy in the meantime.
+        """
+        if ticket.client_id not in self._folding:
+            self._uploading.discard(ticket.client_id)
 
     def upload_failed(self, client_id: str, round_number: int, why: str) -> None:
         """Record a broken or refused upload as this client's failure for the round.
@@ -440,40 +468,83 @@ class Coordinator:
         )
 
     async def commit_upload(self, ticket: UploadTicket, receiver: UploadReceiver) -> None:
-        """Validate the staged delta, then fold it into the round's sum exactly once."""
-        receiver.check_finite()  # found while the chunks arrived: no second pass
-        async with self._fold_lock:
-            state = self.current
-            if state is None or not self.is_open(ticket.plan_id):
-                raise UploadRejected(
-                    f"client {ticket.client_id!r}: round {ticket.round} closed before the "
-                    "upload completed",
-                    reason="stale_round",
+        """Validate the staged delta, then fold it into the round's sum exactly once.
+
+        From this call on the round owns the staged upload: the fold runs in a task of
+        its own, shielded from the RPC handler. A client that disconnects mid-fold (its
+        handler cancelled) therefore cannot stop the fold half-way: it completes and
+        counts, every byte having arrived and been checked (a retry then gets
+        ALREADY_EXISTS, which a client reads as "landed"). A fold that fails part-way is
+        undone (``UploadReceiver.fold_into``). The staged file is closed, and the
+        client's upload slot released, only once the fold has ended.
+        """
+        fold = asyncio.create_task(
+            self._fold(ticket, receiver), name=f"fold of {ticket.client_id} round {ticket.round}"
+        )
+        self._folding[ticket.client_id] = fold
+        # Read the outcome even when no handler is left to: no "never retrieved" warning.
+        fold.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.shield(fold)
+
+    async def _fold(self, ticket: UploadTicket, receiver: UploadReceiver) -> None:
+        try:
+            receiver.check_finite()  # found while the chunks arrived: no second pass
+            async with self._fold_lock:
+                state = self.current
+                if state is None or not self.is_open(ticket.plan_id):
+                    raise UploadRejected(
+                        f"client {ticket.client_id!r}: round {ticket.round} closed before the "
+                        "upload completed",
+                        reason="stale_round",
+                    )
+                if ticket.client_id in state.results:
+                    raise UploadRejected(
+                        f"client {ticket.client_id!r} already uploaded for round {ticket.round}",
+                        reason="duplicate",
+                    )
+                if state.damaged:
+                    raise UploadRejected(
+                        f"client {ticket.client_id!r}: round {ticket.round} cannot count "
+                        f"uploads any more ({state.damaged})",
+                        reason="server_error",
+                    )
+                work = asyncio.get_running_loop().run_in_executor(
+                    None, receiver.fold_into, state.accumulator, ticket.num_examples
                 )
-            if ticket.client_id in state.results:
-                raise UploadRejected(
-                    f"client {ticket.client_id!r} already uploaded for round {ticket.round}",
-                    reason="duplicate",
+                try:
+                    await _to_the_end(work)
+                except AggregateError as error:
+                    state.damaged = str(error)
+                    log.error("round %d: %s", ticket.round, error)
+                    raise UploadRejected(
+                        f"client {ticket.client_id!r}: {error}", reason="server_error"
+                    ) from error
+                report = ticket.header.report
+                state.record_success(
+                    ClientResult(
+                        ticket.client_id,
+                        ticket.num_examples,
+                        dict(ticket.header.metrics),
+                        report.train_started_unix_s,
+                        report.train_finished_unix_s,
+                        report.device,
+                        ticket.header.manifest.total_bytes,
+                    )
                 )
-            await asyncio.to_thread(receiver.fold_into, state.accumulator, ticket.num_examples)
-            report = ticket.header.report
-            state.record_success(
-                ClientResult(
-                    ticket.client_id,
-                    ticket.num_examples,
-                    dict(ticket.header.metrics),
-                    report.train_started_unix_s,
-                    report.train_finished_unix_s,
-                    report.device,
-                    ticket.header.manifest.total_bytes,
-                )
-            )
+        finally:
+            receiver.close()
+            del self._folding[ticket.client_id]
+            self._uploading.discard(ticket.client_id)
         log.debug(
             "round %d: client %s uploaded (%d examples)",
             ticket.round,
             ticket.client_id,
             ticket.num_examples,
         )
+
+    def is_folding(self, client_id: str) -> bool:
+        """Whether the round is folding (or about to fold) this client's upload."""
+        return client_id in self._folding
 
     # ---- evaluation results and failure reports (called by handlers) -----------------
 
@@ -595,6 +666,11 @@ class Coordinator:
                     f"no upload within the {self.config.round_timeout_s:g}s round timeout"
                 )
                 log.warning("round %d: client %s missed the deadline", number, client_id)
+            if state.damaged:
+                state.move_to(RoundPhase.FAILED)
+                state.why_failed = state.damaged
+                log.error("round %d failed: %s", number, state.damaged)
+                return None
             if len(state.results) < self.config.min_clients:
                 state.move_to(RoundPhase.FAILED)
                 state.why_failed = f"fewer than {self.config.min_clients} clients reported"

@@ -46,6 +46,7 @@ _STATUS_BY_REASON = {
     "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "server_error": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -325,7 +326,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                     f"{receiver.manifest.total_bytes} bytes without a TransferEnd",
                     reason="checksum",
                 )
-            await self.coordinator.commit_upload(ticket, receiver)
+            # The round owns the staged upload from here: it closes it after the fold.
+            staged, receiver = receiver, None
+            await self.coordinator.commit_upload(ticket, staged)
             return pb.UpdateReply(round=ticket.round)
         except DecodeError as error:
             # A message gRPC could not parse: malformed input, not a lost connection.
@@ -352,7 +355,12 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             raise AssertionError("unreachable") from None  # abort always raises
         except BaseException:
             # Cancelled: the client went away mid-upload.
-            if ticket is not None:
+            if ticket is not None and self.coordinator.is_folding(ticket.client_id):
+                log.warning(
+                    "%s: connection lost after the upload arrived; the round finishes folding it",
+                    where,
+                )
+            elif ticket is not None:
                 self.coordinator.upload_failed(
                     ticket.client_id, ticket.round, "connection lost during upload"
                 )

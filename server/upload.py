@@ -24,7 +24,7 @@ from typing import IO
 
 import torch
 from fedstream.common.codec import Manifest, TensorSpec
-from fedstream.common.errors import UploadRejected
+from fedstream.common.errors import AggregateError, UploadRejected
 from fedstream.server.aggregate import DeltaAccumulator
 
 READ_BLOCK_BYTES = 4 << 20
@@ -167,8 +167,38 @@ class UploadReceiver:
             )
 
     def fold_into(self, accumulator: DeltaAccumulator, weight: int) -> None:
-        for name, offset, values in self._iter():
-            accumulator.fold(name, offset, values, weight)
+        """Fold the whole staged delta into ``accumulator``, or none of it.
+
+        Should reading a block back fail part-way (an I/O error on the spool disk), the
+        blocks already added are subtracted again and the upload is refused: the sum
+        holds none of it, up to rounding (``s + w*x - w*x`` can differ from ``s`` in the
+        last bit). Undoing by subtraction keeps memory at one block; folding into a
+        scratch sum first would cost a whole model more. If the undo fails too, the sum
+        cannot be trusted any more: :class:`AggregateError` says so, and the round fails.
+        """
+        if not self.complete:
+            raise UploadRejected("upload is not complete")
+        folded = 0
+        try:
+            for name, offset, values in self._iter():
+                accumulator.fold(name, offset, values, weight)
+                folded += 1
+        except Exception as error:
+            try:
+                for index, (name, offset, values) in enumerate(self._iter()):
+                    if index == folded:
+                        break
+                    accumulator.fold(name, offset, values, -weight)
+            except Exception as undo_error:
+                raise AggregateError(
+                    f"a fold failed ({error}) and could not be undone ({undo_error}): the "
+                    "round's sum holds part of an upload"
+                ) from undo_error
+            raise UploadRejected(
+                f"the server could not read its staged copy of the upload back ({error}); "
+                "it was not counted, send it again",
+                reason="server_error",
+            ) from error
         accumulator.commit(weight)
 
     def _iter(self) -> Iterator[tuple[str, int, torch.Tensor]]:

@@ -34,6 +34,7 @@ EXPECTED = {
     "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "server_error": grpc.StatusCode.UNAVAILABLE,
 }
 
 
