@@ -170,13 +170,22 @@ class Registry:
         return session
 
     def _shard_for(self, client_id: str, hint: int | None) -> int:
+        """The shard a new client trains on: its own choice, else the least-held one.
+
+        A shard nobody holds comes first; then one whose holders have all left (their
+        round stream closed: a client restarted under a new id leaves its old shard
+        behind); a shard that a joined or connected client holds only when every shard
+        is held, since two clients on one shard train on the same data.
+        """
         if hint is not None and hint < self.num_partitions:
             return hint
-        # The least-used shard, lowest first: shards stay disjoint while there are
-        # enough of them, even when some clients chose theirs.
-        used = Counter(s.partition_index for s in self.sessions.values())
-        index = min(range(self.num_partitions), key=lambda i: (used[i], i))
-        if used[index]:
+        present: Counter[int] = Counter()
+        gone: Counter[int] = Counter()
+        for session in self.sessions.values():
+            holders = gone if session.state is SessionState.IDLE else present
+            holders[session.partition_index] += 1
+        index = min(range(self.num_partitions), key=lambda i: (present[i], gone[i], i))
+        if present[index]:
             log.warning(
                 "client %s shares data shard %d: more clients than the %d shards "
                 "(--num-partitions)",
@@ -184,6 +193,13 @@ class Registry:
                 index,
                 self.num_partitions,
             )
+        elif gone[index]:
+            left = sorted(
+                s.client_id
+                for s in self.sessions.values()
+                if s.partition_index == index and s.state is SessionState.IDLE
+            )
+            log.info("client %s takes data shard %d, left by %s", client_id, index, ", ".join(left))
         return index
 
     # ---- round streams ---------------------------------------------------------------

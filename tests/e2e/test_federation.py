@@ -244,3 +244,26 @@ def test_local_launcher_stops_the_clients_when_the_server_exits_at_start(
     output = launcher.output()
     assert "fl-local: server exited with status 2; its last lines:" in output
     assert "round_timeout" in output
+
+
+def test_client_restarted_without_an_id_takes_the_shard_its_old_self_left(
+    cluster: Cluster, tmp_path: Path
+):
+    out = tmp_path / "run"
+    server, port = start_server(
+        cluster, out, "--rounds", "3", "--min-clients", "2", "--round-timeout", "120",
+    )  # fmt: skip
+    flags = ("--server", f"127.0.0.1:{port}", "--num-threads", "1", "--max-steps", "5")
+    first = cluster.start("first", client_argv(*flags))
+    server.wait_for(r"client \S+ joined \(partition 0\)", timeout=120)
+    second = cluster.start("second", client_argv(*flags))
+    leaver = server.wait_for(r"client (\S+) joined \(partition 1\)", timeout=120)[1]
+    server.wait_for(r"round 1/3", timeout=120)
+    second.kill()  # the process holding shard 1; it comes back under a new id
+    restarted = cluster.start("restarted", client_argv(*flags))
+    taker = server.wait_for(rf"client (\S+) takes data shard 1, left by {leaver}", timeout=120)
+    assert taker[1] != leaver
+    server.wait_for(rf"client {taker[1]} joined \(partition 1\)")
+    assert server.wait(timeout=240) == 0, server.output()
+    assert first.wait(timeout=60) == 0 and restarted.wait(timeout=60) == 0
+    assert "shares data shard" not in server.output()
