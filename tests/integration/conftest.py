@@ -18,6 +18,7 @@ from fedstream.common.messages import (
     RunSpec,
     TrainReport,
 )
+from fedstream.common.messages import RoundPlan
 from fedstream.common.messages import UpdateHeader as Header
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
@@ -166,6 +167,7 @@ class FakeClient:
         self.stub = stub
         self.client_id = client_id
         self.watch: grpc.aio.UnaryStreamCall | None = None
+        self.plan: RoundPlan | None = None  # the last RoundStart received
         self.secret: str | None = None  # this id's credential (its stub presents it too)
 
     async def join(self) -> pb.JoinReply:
@@ -189,6 +191,7 @@ class FakeClient:
         start = await self.watch.read()
         assert start.WhichOneof("kind") == "round_start", start
         task = wire.round_start_from_pb(start.round_start)
+        self.plan = task
         payload = bytearray()
         while True:
             message = await self.watch.read()
