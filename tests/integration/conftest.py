@@ -15,10 +15,10 @@ from fedstream.common.codec import Manifest, decode, iter_payload
 from fedstream.common.messages import (
     CREDENTIAL_METADATA_KEY,
     PROTOCOL_VERSION,
+    RoundPlan,
     RunSpec,
     TrainReport,
 )
-from fedstream.common.messages import RoundPlan
 from fedstream.common.messages import UpdateHeader as Header
 from fedstream.common.pb import fedstream_pb2 as pb
 from fedstream.common.pb import fedstream_pb2_grpc as pb_grpc
