@@ -15,6 +15,10 @@ from .test_rounds import connect, delta_like, start_round
 CALL_TIMEOUT_S = 10.0
 
 
+def state_of(harness: Harness) -> dict:
+    return harness.coordinator.global_state
+
+
 async def test_an_upload_for_an_earlier_attempt_of_a_round_is_refused(make_harness) -> None:
     harness: Harness = await make_harness(round_timeout_s=1.0, round_retries=1)
     (a, b), run = await start_round(harness, "a", "b")
@@ -25,7 +29,7 @@ async def test_an_upload_for_an_earlier_attempt_of_a_round_is_refused(make_harne
         await client.receive_round()
     assert a.plan is not None and a.plan.round == first.round
     assert a.plan.plan_id != first.plan_id and b.plan.plan_id == a.plan.plan_id
-    late = upload_messages("a", 1, delta_like(harness.coordinator.global_state, 1.0))
+    late = upload_messages("a", 1, delta_like(state_of(harness), 1.0))
     late[0].header.plan_id = first.plan_id
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await a.stub.PushUpdate(stream(late), timeout=CALL_TIMEOUT_S)
@@ -33,7 +37,7 @@ async def test_an_upload_for_an_earlier_attempt_of_a_round_is_refused(make_harne
     assert "that attempt is over" in (refused.value.details() or "")
     for client in (a, b):
         await client.stub.PushUpdate(
-            stream(upload_messages(client.client_id, 1, delta_like(harness.coordinator.global_state, 1.0))),
+            stream(upload_messages(client.client_id, 1, delta_like(state_of(harness), 1.0))),
             timeout=CALL_TIMEOUT_S,
         )
     summaries = await asyncio.wait_for(run, 20)
@@ -45,7 +49,7 @@ async def test_a_reported_failure_counts_at_once(make_harness) -> None:
     (a, b, c), run = await start_round(harness, "a", "b", "c")
     for client in (a, b):
         await client.stub.PushUpdate(
-            stream(upload_messages(client.client_id, 1, delta_like(harness.coordinator.global_state, 1.0))),
+            stream(upload_messages(client.client_id, 1, delta_like(state_of(harness), 1.0))),
             timeout=CALL_TIMEOUT_S,
         )
     assert c.plan is not None
@@ -68,7 +72,7 @@ async def test_a_failure_report_for_no_open_plan_changes_nothing(make_harness) -
     assert not reply.counted
     for client in (a, b):
         await client.stub.PushUpdate(
-            stream(upload_messages(client.client_id, 1, delta_like(harness.coordinator.global_state, 1.0))),
+            stream(upload_messages(client.client_id, 1, delta_like(state_of(harness), 1.0))),
             timeout=CALL_TIMEOUT_S,
         )
     summaries = await asyncio.wait_for(run, 20)
@@ -80,7 +84,7 @@ async def test_federated_evaluation_is_the_example_weighted_mean(make_harness) -
     (a, b), run = await start_round(harness, "a", "b")
     for client in (a, b):
         await client.stub.PushUpdate(
-            stream(upload_messages(client.client_id, 1, delta_like(harness.coordinator.global_state, 1.0))),
+            stream(upload_messages(client.client_id, 1, delta_like(state_of(harness), 1.0))),
             timeout=CALL_TIMEOUT_S,
         )
     scores = {"a": (1, 0.5), "b": (3, 0.9)}
