@@ -7,7 +7,7 @@ CLIENTS ?= 4
 ROUNDS ?= 10
 OUT ?= runs/digits
 
-.PHONY: install run test test-fast lint typecheck proto proto-check bench bench-quick \
+.PHONY: install run test test-cluster test-fast lint typecheck proto proto-check bench bench-quick \
         cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml
@@ -23,7 +23,12 @@ run: $(STAMP)
 	$(BIN)/fl-local --clients $(CLIENTS) --rounds $(ROUNDS) --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+## Real clusters (needs root): installs docker.io, docker-compose, debootstrap and Slurm when
+## missing, starts dockerd (and stops it), builds the images once (cached), runs them.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/integration

@@ -318,7 +318,15 @@ def test_images_pin_torch_as_pyproject_does() -> None:
 def test_image_is_multi_stage_and_runs_as_a_user(dockerfile: Path) -> None:
     steps = instructions(dockerfile)
     stages = [rest for keyword, rest in steps if keyword == "FROM"]
-    assert len(stages) == 2 and stages[0].endswith("AS builder"), stages
+    # Optional wheels (an empty stage by default), the builder, and the runtime on the same
+    # base as the builder.
+    assert stages == [
+        "${BASE_IMAGE} AS no-wheels",
+        "${WHEELS_IMAGE} AS wheels",
+        "${BASE_IMAGE} AS builder",
+        "${BASE_IMAGE} AS runtime",
+    ], stages
+    assert build_args(dockerfile)["WHEELS_IMAGE"] == "no-wheels"
     final = steps[max(i for i, (k, _) in enumerate(steps) if k == "FROM") :]
     assert ("COPY", "--from=builder /opt/fedstream /opt/fedstream") in final
     users = [rest for keyword, rest in final if keyword == "USER"]
