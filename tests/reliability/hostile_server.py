@@ -32,10 +32,15 @@ RUN = pb.RunSpec(
     num_partitions=1,
     partition="iid",
     dirichlet_alpha=0.5,
+    task="classification",
 )
-CONFIG = pb.RoundConfig(
-    local_epochs=1, batch_size=32, learning_rate=0.05, optimizer="sgd", momentum=0.0
-)
+CONFIG = {
+    "local_epochs": pb.Scalar(integer=1),
+    "batch_size": pb.Scalar(integer=32),
+    "learning_rate": pb.Scalar(number=0.05),
+    "optimizer": pb.Scalar(text="sgd"),
+    "momentum": pb.Scalar(number=0.0),
+}
 
 # One stream's messages; the argument is the 0-based index of this WatchRounds call. The
 # stream closes when the script returns; a script that means to idle awaits ``idle()``.
@@ -48,15 +53,27 @@ async def idle() -> None:
 
 
 def real_state() -> dict[str, torch.Tensor]:
-    """The global state an honest server would send for RUN: the client's own model."""
+    """The global state an honest server would send for RUN: the tensors of the client's
+    own model that travel (every floating-point one)."""
     data = load_dataset(RUN.dataset, "data", False, RUN.seed, RUN.test_fraction)
     model = build_model(RUN.model, data.input_shape, data.num_classes, RUN.seed)
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point()
+    }
 
 
 def round_start(manifest: pb.Manifest, round_number: int = 1) -> pb.ServerMessage:
     return pb.ServerMessage(
-        round_start=pb.RoundStart(round=round_number, config=CONFIG, manifest=manifest)
+        round_start=pb.RoundStart(
+            round=round_number,
+            plan_id=f"plan-{round_number}",
+            kind=pb.PLAN_TRAIN,
+            config=CONFIG,
+            deadline_unix_s=time.time() + 300,
+            manifest=manifest,
+        )
     )
 
 
