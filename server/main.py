@@ -355,11 +355,11 @@ async def _serve(settings: ServerSettings) -> int:
     if credentials is None and not _is_loopback(settings.host):
         log.warning("listening on %s without TLS: traffic is not encrypted", settings.host)
     mb = coordinator.manifest.total_bytes / 1e6
-    what = (
-        f"model {settings.model}, dataset {settings.dataset}"
-        if settings.task == BUILTIN_TASK else f"task {settings.task}"
-    )
-    log.info("listening on %s:%d (%s; %.2f MB travel each way)", settings.host, port, what, mb)
+    if settings.task == BUILTIN_TASK:
+        what = f"model {settings.model}, {mb:.2f} MB each way; dataset {settings.dataset}"
+    else:
+        what = f"task {settings.task}, {mb:.2f} MB each way"
+    log.info("listening on %s:%d (%s)", settings.host, port, what)
 
     if first_round > settings.rounds:
         log.info(
