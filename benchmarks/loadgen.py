@@ -33,7 +33,7 @@ from fedstream.common.pb import fedstream_pb2 as pb
 from benchmarks.bare_grpc import emit
 
 SERVICE = "/fedstream.v1.Federation"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # As in fedstream.common.messages, which is not imported here: it would pull in torch.
 CREDENTIAL_METADATA_KEY = "fedstream-credential"
 MAX_MESSAGE_BYTES = 4 << 20
