@@ -200,23 +200,25 @@ def _with_options(function: Callable[..., Any], options: Mapping[str, Scalar]
 
 
 def weighted_mean(results: Sequence[tuple[int, Metrics]]) -> dict[str, float]:
-    """The num_examples-weighted mean of every metric (over the clients that report it);
-    ``num_examples`` itself is summed. Weights are normalised before they multiply, so a
-    finite metric (a loss of 1e300) never overflows into infinity."""
-    weights: dict[str, int] = {}
-    total = 0
-    for count, metrics in results:
-        total += count
-        for key in metrics:
-            if key != "num_examples":
-                weights[key] = weights.get(key, 0) + count
-    merged = {key: 0.0 for key in sorted(weights) if weights[key]}
+    """The num_examples-weighted mean of every metric, over the clients that report it;
+    ``num_examples`` itself, where reported, is summed.
+
+    Weights are normalised before they multiply, so a finite metric (a loss of 1e300)
+    never overflows into infinity, and sums are ``math.fsum``: the result does not
+    depend on the order of ``results``.
+    """
+    values: dict[str, list[tuple[float, int]]] = {}
     for count, metrics in results:
         for key, value in metrics.items():
-            if key in merged:
-                merged[key] += float(value) * (count / weights[key])
-    if results:
-        merged["num_examples"] = float(total)
+            values.setdefault(key, []).append((float(value), count))
+    merged: dict[str, float] = {}
+    for key, pairs in sorted(values.items()):
+        if key == "num_examples":
+            merged[key] = math.fsum(value for value, _ in pairs)
+            continue
+        total = math.fsum(weight for _, weight in pairs)
+        if total:
+            merged[key] = math.fsum(value * (weight / total) for value, weight in pairs)
     return merged
 
 

@@ -149,7 +149,7 @@ class RoundState:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     why_failed: str = ""
     damaged: str = ""  # why the sum can no longer be trusted (a fold that was not undone)
-    task: RoundPlan | None = None  # what each selected client is sent
+    plan: RoundPlan | None = None  # what each selected client is sent
 
     def move_to(self, phase: RoundPhase) -> None:
         if phase not in _TRANSITIONS[self.phase]:
@@ -315,14 +315,14 @@ class Coordinator:
             attachment.inbox.put_nowait(self._finish)
         elif (
             state is not None
-            and state.task is not None
+            and state.plan is not None
             and state.phase is RoundPhase.COLLECTING
             and client_id in state.selected
             and client_id not in state.results
             and state.number not in carried
         ):
             # Its earlier stream took this round and then broke: send the round again.
-            attachment.inbox.put_nowait(state.task)
+            attachment.inbox.put_nowait(state.plan)
         async with self._membership:
             self._membership.notify_all()
         return attachment
@@ -644,7 +644,7 @@ class Coordinator:
         self.current = state
         self.evaluation = None
         state.move_to(RoundPhase.COLLECTING)
-        state.task = plan = RoundPlan(
+        state.plan = plan = RoundPlan(
             round=number,
             plan_id=state.plan_id,
             kind=PlanKind.TRAIN,

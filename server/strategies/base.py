@@ -27,13 +27,13 @@ pure parts:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from fedstream.common.codec import Manifest, TensorSpec
+from fedstream.common.task import weighted_mean
 
 ConfigValue = bool | int | float | str
 ClientConfig = dict[str, ConfigValue]
@@ -116,19 +116,10 @@ def iter_blocks(manifest: Manifest, block_elements: int) -> Iterator[tuple[Tenso
 
 
 def weighted_metrics(reports: Sequence[ClientReport]) -> dict[str, float]:
-    """Each metric's example-weighted mean over the clients that report it.
-
-    Clients are taken in client-id order and summed with ``math.fsum``, so the result
-    does not depend on the order uploads arrived in.
-    """
-    totals: dict[str, list[tuple[float, int]]] = {}
-    for report in sorted(reports, key=lambda r: r.client_id):
-        for key, value in report.metrics.items():
-            totals.setdefault(key, []).append((float(value), report.weight))
-    return {
-        key: math.fsum(v * w for v, w in pairs) / math.fsum(w for _, w in pairs)
-        for key, pairs in sorted(totals.items())
-    }
+    """Each metric's example-weighted mean over the clients that report it (the Task
+    API's :func:`~fedstream.common.task.weighted_mean`, by the weights the strategy used)."""
+    merged: dict[str, float] = weighted_mean([(r.weight, r.metrics) for r in reports])
+    return merged
 
 
 class Reduction(Protocol):
